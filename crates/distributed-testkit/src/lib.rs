@@ -1,0 +1,1 @@
+//! Test rig (filled by the rig work).
