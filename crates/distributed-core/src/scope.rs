@@ -1,0 +1,273 @@
+//! The request scope: whose writes a read must see, found without threading it through
+//! application code (the Rust answer to the original's thread-local request middleware).
+//!
+//! A [`Scope`] lives in a `tokio` task-local for the duration of a future ([`with_scope`]);
+//! [`current_scope`] finds it from anywhere inside, across `.await`s. The scope also memoizes
+//! what the router learned during the request, so that N reads cost at most one cache lookup,
+//! and a write earlier in the same request pins the rest of it even when the scope has no key
+//! yet (a visitor's first request) or the cache is down.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::task::futures::TaskLocalFuture;
+
+use crate::WalPosition;
+
+tokio::task_local! {
+    static CURRENT: Scope;
+    static FORCE_LEADER: ();
+}
+
+/// The key a scope is pinned under: a session id, a user id, a tenant, whatever an application
+/// chooses. Its `Debug` form is redacted, since a session id is a credential.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScopeKey(Arc<str>);
+
+impl ScopeKey {
+    /// A key from any text.
+    pub fn new(key: impl Into<Arc<str>>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself. Do not log it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ScopeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ScopeKey(<redacted>)")
+    }
+}
+
+impl From<&str> for ScopeKey {
+    fn from(key: &str) -> Self {
+        Self::new(key)
+    }
+}
+
+impl From<String> for ScopeKey {
+    fn from(key: String) -> Self {
+        Self::new(key)
+    }
+}
+
+/// How fresh a read must be for a scope.
+///
+/// Ordered from weakest to strongest: `Any < AtLeast(_) < Leader`, and two `AtLeast`s by
+/// position; [`Freshness::max`] combines two requirements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Freshness {
+    /// Any healthy follower will do.
+    #[default]
+    Any,
+    /// A follower that has replayed at least this position will do (causal mode).
+    AtLeast(WalPosition),
+    /// Only the leader will do (time mode, within the lag window).
+    Leader,
+}
+
+/// A request's scope: an optional key and what the router has learned during the request.
+///
+/// Cheap to clone (an `Arc`); clones share the memo.
+#[derive(Clone, Default)]
+pub struct Scope {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    key: Option<ScopeKey>,
+    /// Freshness per memo key: `None` for the whole scope, `Some(table)` in per-table mode.
+    memo: HashMap<Option<String>, Freshness>,
+    /// The cache failed once in this request: do not ask it again, read the leader.
+    cache_failed: bool,
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Scope")
+            .field("keyed", &state.key.is_some())
+            .field("memo", &state.memo.len())
+            .field("cache_failed", &state.cache_failed)
+            .finish()
+    }
+}
+
+impl Scope {
+    /// A scope pinned under `key`.
+    pub fn new(key: impl Into<ScopeKey>) -> Self {
+        Self::with_key(Some(key.into()))
+    }
+
+    /// A scope with no key yet (an anonymous visitor): its writes pin the rest of its own
+    /// request, and follow it to a key given later through the router's `rekey`.
+    pub fn anonymous() -> Self {
+        Self::default()
+    }
+
+    /// A scope with the given key, or none.
+    pub fn with_key(key: Option<ScopeKey>) -> Self {
+        let scope = Self::default();
+        scope.lock().key = key;
+        scope
+    }
+
+    /// The key, if it has one.
+    pub fn key(&self) -> Option<ScopeKey> {
+        self.lock().key.clone()
+    }
+
+    /// Replaces the key. This alone does not carry pins to the new key; routers do that in
+    /// their `rekey` (see [`DistributedRouter::rekey`](crate::DistributedRouter::rekey)).
+    pub fn set_key(&self, key: Option<ScopeKey>) {
+        self.lock().key = key;
+    }
+
+    /// What this request already knows for `memo_key`.
+    pub(crate) fn memo(&self, memo_key: Option<&str>) -> Option<Freshness> {
+        let state = self.lock();
+        state.memo.get(&memo_key.map(str::to_owned)).copied()
+    }
+
+    /// Raises the memo for `memo_key` to at least `freshness`.
+    pub(crate) fn raise(&self, memo_key: Option<&str>, freshness: Freshness) {
+        let mut state = self.lock();
+        let slot = state.memo.entry(memo_key.map(str::to_owned)).or_default();
+        *slot = (*slot).max(freshness);
+    }
+
+    /// Every memo entry stronger than [`Freshness::Any`].
+    pub(crate) fn pins(&self) -> Vec<(Option<String>, Freshness)> {
+        let state = self.lock();
+        state
+            .memo
+            .iter()
+            .filter(|(_, f)| **f > Freshness::Any)
+            .map(|(k, f)| (k.clone(), *f))
+            .collect()
+    }
+
+    pub(crate) fn cache_failed(&self) -> bool {
+        self.lock().cache_failed
+    }
+
+    pub(crate) fn set_cache_failed(&self) {
+        self.lock().cache_failed = true;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section is a single assignment or map operation: a panic elsewhere
+        // cannot leave the state half-written, so a poisoned lock's data is still good.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Runs `future` with `scope` as the [`current_scope`].
+///
+/// ```
+/// use distributed_core::{current_scope, with_scope, Scope};
+/// # tokio_test_block_on(async {
+/// let seen = with_scope(Scope::new("session-123"), async {
+///     current_scope().and_then(|s| s.key()).map(|k| k.as_str().to_owned())
+/// })
+/// .await;
+/// assert_eq!(seen.as_deref(), Some("session-123"));
+/// assert!(current_scope().is_none());
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+pub fn with_scope<F: Future>(scope: Scope, future: F) -> TaskLocalFuture<Scope, F> {
+    CURRENT.scope(scope, future)
+}
+
+/// The scope of the running task, if it runs inside [`with_scope`].
+///
+/// Code outside any scope (a background job, say) has no pin and reads followers: give a job
+/// a scope, or a consistency token, if it must see a particular write.
+pub fn current_scope() -> Option<Scope> {
+    CURRENT.try_with(Scope::clone).ok()
+}
+
+/// Runs `future` with every read sent to the leader, like Rails' `connected_to(role: :writing)`:
+/// for code that must see the latest data whatever the scope.
+pub fn force_leader<F: Future>(future: F) -> TaskLocalFuture<(), F> {
+    FORCE_LEADER.scope((), future)
+}
+
+/// Whether the running task is inside a [`force_leader`] block.
+pub fn is_leader_forced() -> bool {
+    FORCE_LEADER.try_with(|()| ()).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn scope_is_visible_across_awaits_and_not_outside() {
+        assert!(current_scope().is_none());
+        with_scope(Scope::new("a"), async {
+            tokio::task::yield_now().await;
+            let key = current_scope().and_then(|s| s.key());
+            assert_eq!(key, Some(ScopeKey::from("a")));
+        })
+        .await;
+        assert!(current_scope().is_none());
+    }
+
+    #[tokio::test]
+    async fn nested_scopes_shadow() {
+        with_scope(Scope::new("outer"), async {
+            with_scope(Scope::new("inner"), async {
+                assert_eq!(current_scope().and_then(|s| s.key()), Some("inner".into()));
+            })
+            .await;
+            assert_eq!(current_scope().and_then(|s| s.key()), Some("outer".into()));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn force_leader_is_scoped() {
+        assert!(!is_leader_forced());
+        force_leader(async { assert!(is_leader_forced()) }).await;
+        assert!(!is_leader_forced());
+    }
+
+    #[test]
+    fn memo_only_rises() {
+        let s = Scope::anonymous();
+        assert_eq!(s.memo(None), None);
+        s.raise(None, Freshness::AtLeast(WalPosition(5)));
+        s.raise(None, Freshness::AtLeast(WalPosition(3)));
+        assert_eq!(s.memo(None), Some(Freshness::AtLeast(WalPosition(5))));
+        s.raise(None, Freshness::Leader);
+        s.raise(None, Freshness::Any);
+        assert_eq!(s.memo(None), Some(Freshness::Leader));
+        s.raise(Some("t"), Freshness::Any);
+        assert_eq!(s.pins(), vec![(None, Freshness::Leader)]);
+    }
+
+    #[test]
+    fn keys_are_redacted_in_debug() {
+        let s = Scope::new("secret-session-id");
+        let shown = format!("{s:?} {:?}", s.key());
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}
