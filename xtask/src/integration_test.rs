@@ -51,6 +51,13 @@ impl Interrupts {
 
 async fn run_with_rig(flags: TopologyFlags) -> anyhow::Result<ExitCode> {
     let mut interrupts = Interrupts::listen()?;
+    let runner = TestRunner::detect().await;
+    // Compile first: a build error needs no servers, and rustc would compete with the
+    // timing-sensitive tests for the CPU.
+    let build_code = run_child(runner.build(), &mut interrupts).await?;
+    if build_code != 0 {
+        return Ok(ExitCode::from(build_code));
+    }
     let opts = TopologyOptions {
         followers: flags.followers,
         apply_delay: flags.apply_delay,
@@ -78,7 +85,7 @@ async fn run_with_rig(flags: TopologyFlags) -> anyhow::Result<ExitCode> {
 
     let mut vars: Vec<(&str, String)> = topology.env_vars();
     vars.push((env::REQUIRE_RIG, "1".to_owned()));
-    let outcome = run_tests(&vars, &flags.passthrough, &mut interrupts).await;
+    let outcome = run_tests(&runner, &vars, &flags.passthrough, &mut interrupts).await;
 
     pids.extend(topology.pids());
     let teardown = topology.shutdown().await;
@@ -90,26 +97,60 @@ async fn run_with_rig(flags: TopologyFlags) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-/// nextest (or `cargo test` without it), then the doc tests nextest cannot run; the first
-/// failing exit code wins.
+/// nextest when it is installed, `cargo test` otherwise.
+enum TestRunner {
+    Nextest,
+    CargoTest,
+}
+
+/// What every cargo invocation of the run shares.
+const COMMON: [&str; 3] = ["--workspace", "--all-features", "--locked"];
+
+impl TestRunner {
+    async fn detect() -> Self {
+        let nextest = Command::new(crate::cargo())
+            .args(["nextest", "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|status| status.success());
+        if nextest {
+            Self::Nextest
+        } else {
+            eprintln!("xtask: cargo-nextest not installed, using cargo test");
+            Self::CargoTest
+        }
+    }
+
+    fn subcommand(&self) -> &'static [&'static str] {
+        match self {
+            Self::Nextest => &["nextest", "run"],
+            Self::CargoTest => &["test"],
+        }
+    }
+
+    fn build(&self) -> Command {
+        let mut cmd = cargo(self.subcommand(), &[]);
+        cmd.arg("--no-run");
+        cmd
+    }
+}
+
+/// The tests, then the doc tests nextest cannot run; the first failing exit code wins.
 async fn run_tests(
+    runner: &TestRunner,
     vars: &[(&str, String)],
     passthrough: &[String],
     interrupts: &mut Interrupts,
 ) -> anyhow::Result<u8> {
-    let common = ["--workspace", "--all-features", "--locked"];
-    let mut tests = if has_nextest().await {
-        cargo(&["nextest", "run"], &common, vars)
-    } else {
-        eprintln!("xtask: cargo-nextest not installed, using cargo test");
-        cargo(&["test"], &common, vars)
-    };
+    let mut tests = cargo(runner.subcommand(), vars);
     tests.args(passthrough);
     let tests_code = run_child(tests, interrupts).await?;
     if tests_code >= 128 {
         return Ok(tests_code);
     }
-    let doc_code = run_child(cargo(&["test", "--doc"], &common, vars), interrupts).await?;
+    let doc_code = run_child(cargo(&["test", "--doc"], vars), interrupts).await?;
     Ok(if tests_code != 0 {
         tests_code
     } else {
@@ -117,25 +158,15 @@ async fn run_tests(
     })
 }
 
-fn cargo(subcommand: &[&str], common: &[&str], vars: &[(&str, String)]) -> Command {
+fn cargo(subcommand: &[&str], vars: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(crate::cargo());
     cmd.args(subcommand)
-        .args(common)
+        .args(COMMON)
         .current_dir(crate::workspace_root())
         .envs(vars.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
-}
-
-async fn has_nextest() -> bool {
-    Command::new(crate::cargo())
-        .args(["nextest", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|status| status.success())
 }
 
 /// Runs `cmd` with our stdout and stderr; on SIGINT or SIGTERM passes the signal on, waits a
