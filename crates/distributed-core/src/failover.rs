@@ -43,6 +43,27 @@ where
     }
 }
 
+/// The SQLSTATE PostgreSQL answers a write with on a read-only connection or server
+/// (`read_only_sql_transaction`): what a write sent through a read handle gets from a follower.
+pub const READ_ONLY_SQLSTATE: &str = "25006";
+
+/// Whether a PostgreSQL error with SQLSTATE `code` means "this server cannot serve you now"
+/// (so the same read may succeed elsewhere), rather than "this statement is wrong".
+///
+/// True for the connection exceptions (class `08`), the errors a stopping or starting server
+/// sends (`57P01` admin shutdown, `57P02` crash shutdown, `57P03` cannot connect now) and
+/// `53300` too many connections.
+///
+/// ```
+/// use distributed_core::is_unavailable_sqlstate;
+/// assert!(is_unavailable_sqlstate("57P01"));
+/// assert!(is_unavailable_sqlstate("08006"));
+/// assert!(!is_unavailable_sqlstate("23505")); // unique violation: the statement's fault
+/// ```
+pub fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;

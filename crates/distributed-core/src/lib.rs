@@ -72,7 +72,7 @@ mod wal;
 pub use cache::{BoxError, Cache, CacheError, MemoryCache};
 pub use config::{Config, ConfigBuilder, ConfigError, MAX_LAG_WINDOW, Node, redact_url};
 pub use decision::{Decision, Reason, Target};
-pub use failover::read_with_failover;
+pub use failover::{READ_ONLY_SQLSTATE, is_unavailable_sqlstate, read_with_failover};
 pub use health::{FollowerPicker, FollowerSet, RandomPicker, RoundRobinPicker};
 #[cfg(feature = "tower")]
 pub use layer::{ScopeLayer, ScopeService};

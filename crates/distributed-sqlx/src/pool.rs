@@ -1,0 +1,690 @@
+//! The routing pool: a leader pool, one pool per follower, a router deciding between them.
+
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use distributed_core::{
+    Config, ConfigError, Decision, FollowerSet, MonitorHandle, Node, Router, Scope, Target,
+    WalPosition, current_scope, force_leader, read_with_failover, spawn_monitor,
+};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgQueryResult};
+use sqlx::{Execute, Executor, PgPool, Postgres};
+use tracing::Instrument;
+
+use crate::error::is_unavailable;
+use crate::probe::PgProbe;
+use crate::{Error, ReadConnection, Transaction};
+
+/// The session setting every read connection is opened with: a write sent through a read handle
+/// fails with SQLSTATE 25006 instead of succeeding unmarked (on the leader) or not at all.
+const READ_ONLY: (&str, &str) = ("default_transaction_read_only", "on");
+
+/// A sqlx PostgreSQL pool that routes: writes to the leader, reads to a follower unless the
+/// current [scope](distributed_core::current_scope) wrote within the lag window, the followers
+/// are down or lagging, or the pin cache cannot tell.
+///
+/// Cheap to clone (an `Arc`); the health and lag monitor it starts stops when the last clone is
+/// dropped.
+///
+/// | to do this | call | goes to | marks the scope |
+/// |---|---|---|---|
+/// | read | [`read`](Self::read) (a connection) or [`read_with`](Self::read_with) (a closure, retried elsewhere if a follower fails under it) | the router's choice | no |
+/// | read fresh data | [`read_leader`](Self::read_leader) | the leader | no |
+/// | write | [`execute`](Self::execute), [`write`](Self::write) | the leader | when it succeeds |
+/// | write several statements atomically | [`begin`](Self::begin) | the leader | when it commits |
+///
+/// [`table`](Self::table) gives the same methods for one table, for routers that pin per table.
+pub struct DistributedPool<R> {
+    inner: Arc<Inner<R>>,
+}
+
+struct Inner<R> {
+    router: Arc<R>,
+    config: Config,
+    /// Writes and transactions.
+    leader: PgPool,
+    /// Reads routed to the leader, read-only like every read.
+    leader_reads: PgPool,
+    followers: Vec<PgPool>,
+    marker: Marker,
+    /// Stops the monitor when the last clone of the pool is dropped.
+    _monitor: Option<MonitorHandle>,
+}
+
+impl<R> Clone for DistributedPool<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<R> fmt::Debug for DistributedPool<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Node's Debug hides passwords; sqlx's connect options would not.
+        f.debug_struct("DistributedPool")
+            .field("leader", self.inner.config.leader())
+            .field("followers", &self.inner.config.followers())
+            .field(
+                "track_commit_position",
+                &self.inner.marker.track_commit_position,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`DistributedPool`]; every setting has a default, listed on its method.
+#[must_use]
+pub struct Builder<R> {
+    config: Config,
+    router: R,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    follower_acquire_timeout: Duration,
+    track_commit_position: bool,
+    monitor: bool,
+}
+
+impl<R> fmt::Debug for Builder<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("follower_acquire_timeout", &self.follower_acquire_timeout)
+            .field("track_commit_position", &self.track_commit_position)
+            .field("monitor", &self.monitor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Router + 'static> Builder<R> {
+    /// Connections per server and role (the leader has two pools: writes, and reads routed to
+    /// it). Default 10; at least 1.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long a write (or a read routed to the leader) waits for a leader connection before
+    /// failing with [`Error::LeaderUnavailable`]; also bounds the start-up check of the leader.
+    /// Default 5 s.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How long a read waits for a follower connection before marking that follower down and
+    /// trying the next server. Short, because the read is waiting: default 1 s.
+    pub fn follower_acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.follower_acquire_timeout = timeout;
+        self
+    }
+
+    /// After each write, ask the leader for its WAL position (`pg_current_wal_insert_lsn()`, one
+    /// extra query) and hand it to [`Router::record_write`], for routers that send a scope's
+    /// reads to any follower that has replayed its writes. Default off.
+    pub fn track_commit_position(mut self, track: bool) -> Self {
+        self.track_commit_position = track;
+        self
+    }
+
+    /// Run the health and lag monitor ([`spawn_monitor`]) with the configuration's probe
+    /// interval. Default on; without it, followers marked down stay down.
+    pub fn monitor(mut self, monitor: bool) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
+    /// Connects. The leader must answer within the acquire timeout; a follower that does not
+    /// answer within the follower acquire timeout starts marked down (and logged, its URL
+    /// without password) and is re-admitted by the monitor when it answers.
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer; [`Error::InvalidUrl`],
+    /// [`Error::Config`] or [`Error::RouterMismatch`] for a configuration that cannot work.
+    pub async fn connect(self) -> Result<DistributedPool<R>, Error> {
+        for (name, value) in [
+            ("acquire_timeout", self.acquire_timeout),
+            ("follower_acquire_timeout", self.follower_acquire_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name).into());
+            }
+        }
+        let config = self.config;
+        if self.router.followers().len() != config.followers().len() {
+            return Err(Error::RouterMismatch {
+                router: self.router.followers().len(),
+                config: config.followers().len(),
+            });
+        }
+        let pool = |options: PgConnectOptions, timeout: Duration, size: u32| {
+            PgPoolOptions::new()
+                .max_connections(size)
+                .acquire_timeout(timeout)
+                .connect_lazy_with(options)
+        };
+        let leader_options = parse(config.leader())?;
+        let follower_options = config
+            .followers()
+            .iter()
+            .map(parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        let size = self.max_connections;
+        let leader = pool(leader_options.clone(), self.acquire_timeout, size);
+        let leader_reads = pool(
+            leader_options.clone().options([READ_ONLY]),
+            self.acquire_timeout,
+            size,
+        );
+        let followers: Vec<PgPool> = follower_options
+            .iter()
+            .map(|options| {
+                let options = options.clone().options([READ_ONLY]);
+                pool(options, self.follower_acquire_timeout, size)
+            })
+            .collect();
+
+        if let Err(error) = leader.acquire().await {
+            tracing::error!(
+                leader = %config.leader(),
+                %error,
+                "the leader is unreachable; the pool does not start"
+            );
+            return Err(Error::LeaderUnavailable(error));
+        }
+        let router = Arc::new(self.router);
+        let checks = followers
+            .iter()
+            .map(|pool| async move { pool.acquire().await.map(drop) });
+        let outcomes = futures_util::future::join_all(checks).await;
+        for ((index, node), outcome) in config.followers().iter().enumerate().zip(outcomes) {
+            if let Err(error) = outcome {
+                tracing::warn!(
+                    follower = node.name(),
+                    url = %node.redacted_url(),
+                    %error,
+                    "follower unreachable at start-up; marked down until it answers"
+                );
+                router.followers().mark_down(index);
+            }
+        }
+
+        let monitor = self.monitor.then(|| {
+            let timeout = config.probe_interval().max(Duration::from_secs(1));
+            let probe_pool = |options: PgConnectOptions| pool(options, timeout, 1);
+            let probe = PgProbe {
+                leader: probe_pool(leader_options),
+                followers: follower_options.into_iter().map(probe_pool).collect(),
+                timeout,
+            };
+            spawn_monitor(router.clone(), Arc::new(probe), config.probe_interval())
+        });
+        let marker = Marker {
+            router: router.clone(),
+            leader: leader.clone(),
+            track_commit_position: self.track_commit_position,
+        };
+        Ok(DistributedPool {
+            inner: Arc::new(Inner {
+                router,
+                config,
+                leader,
+                leader_reads,
+                followers,
+                marker,
+                _monitor: monitor,
+            }),
+        })
+    }
+}
+
+fn parse(node: &Node) -> Result<PgConnectOptions, Error> {
+    PgConnectOptions::from_str(node.url()).map_err(|source| Error::InvalidUrl {
+        node: node.name().to_owned(),
+        source,
+    })
+}
+
+/// Records writes with the router: shared by the pool and its transactions.
+#[derive(Clone)]
+pub(crate) struct Marker {
+    router: Arc<dyn Router>,
+    leader: PgPool,
+    track_commit_position: bool,
+}
+
+impl Marker {
+    /// Marks `scope` as having written `table`. A failure to store the pin is logged and counted
+    /// by the router and not returned: the write itself succeeded, and the rest of this request
+    /// reads the leader regardless.
+    ///
+    /// `committed` is false when the write's outcome is unknown (the connection broke mid-way):
+    /// the scope is pinned all the same, without asking a leader that just failed for its
+    /// position.
+    pub(crate) async fn mark(&self, scope: Option<&Scope>, table: Option<&str>, committed: bool) {
+        let Some(scope) = scope else { return };
+        let position = if self.track_commit_position && committed {
+            match leader_position(&self.leader).await {
+                Ok(position) => Some(position),
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the commit position; pinning to the leader");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Err(error) = self.router.record_write(Some(scope), table, position).await {
+            tracing::debug!(%error, "the write succeeded but its pin was not stored");
+        }
+    }
+}
+
+async fn leader_position(leader: &PgPool) -> Result<WalPosition, Error> {
+    let text: String = sqlx::query_scalar("select pg_current_wal_insert_lsn()::text")
+        .fetch_one(leader)
+        .await
+        .map_err(Error::on_leader)?;
+    text.parse()
+        .map_err(|e| Error::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+/// A failed attempt, and where it failed.
+struct Failed {
+    target: Target,
+    error: sqlx::Error,
+}
+
+impl<R: Router + 'static> DistributedPool<R> {
+    /// Starts building a pool over the servers of `config`, routed by `router` (which must have
+    /// been built from the same configuration).
+    pub fn builder(config: Config, router: R) -> Builder<R> {
+        Builder {
+            config,
+            router,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            follower_acquire_timeout: Duration::from_secs(1),
+            track_commit_position: false,
+            monitor: true,
+        }
+    }
+
+    /// Connects with the default settings; see [`Builder::connect`].
+    ///
+    /// # Errors
+    /// As [`Builder::connect`].
+    pub async fn connect(config: Config, router: R) -> Result<Self, Error> {
+        Self::builder(config, router).connect().await
+    }
+
+    /// The router.
+    pub fn router(&self) -> &R {
+        &self.inner.router
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The followers' health and lag.
+    pub fn followers(&self) -> &FollowerSet {
+        self.inner.router.followers()
+    }
+
+    /// The leader's pool, unrouted: for migrations and administration. Writes sent here do
+    /// **not** mark the scope; application writes go through [`write`](Self::write),
+    /// [`execute`](Self::execute) or [`begin`](Self::begin).
+    pub fn leader(&self) -> &PgPool {
+        &self.inner.leader
+    }
+
+    /// The same operations for reads and writes of `table`, for routers that pin per table.
+    pub fn table<'a>(&'a self, table: &'a str) -> Table<'a, R> {
+        Table { pool: self, table }
+    }
+
+    /// A read-only connection to the server chosen for the current scope. A follower that
+    /// cannot hand out a connection is marked down and the next server is tried, so the caller
+    /// does not see its failure. A statement that fails after this returns is the caller's to
+    /// retry: [`read_with`](Self::read_with) retries it for you.
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the read ended on the leader and it did not answer.
+    pub async fn read(&self) -> Result<ReadConnection, Error> {
+        self.read_in(None).await
+    }
+
+    /// A read-only connection to the leader, whatever the scope: for code that must see the
+    /// latest data (the decision's reason is [`Forced`](distributed_core::Reason::Forced)).
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer.
+    pub async fn read_leader(&self) -> Result<ReadConnection, Error> {
+        force_leader(self.read_in(None)).await
+    }
+
+    /// Runs the read `op` on a connection to the server chosen for the current scope; when it
+    /// fails because that follower became unreachable (refused, broken, shutting down), marks
+    /// the follower down and runs `op` again on the next choice.
+    ///
+    /// ```no_run
+    /// # async fn demo<R: distributed_core::Router + 'static>(
+    /// #     pool: distributed_sqlx::DistributedPool<R>,
+    /// # ) -> Result<(), distributed_sqlx::Error> {
+    /// let id = 7_i64;
+    /// let title: Option<String> = pool
+    ///     .read_with(|mut conn| async move {
+    ///         sqlx::query_scalar("select title from posts where id = $1")
+    ///             .bind(id)
+    ///             .fetch_optional(&mut *conn)
+    ///             .await
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The error of the last attempt: a query error, or the leader's unavailability.
+    pub async fn read_with<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnMut(ReadConnection) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        self.read_with_in(None, op).await
+    }
+
+    /// Runs `op` on a leader connection; when it succeeds, marks the current scope so its next
+    /// reads see the write.
+    ///
+    /// ```no_run
+    /// # async fn demo<R: distributed_core::Router + 'static>(
+    /// #     pool: distributed_sqlx::DistributedPool<R>,
+    /// # ) -> Result<(), distributed_sqlx::Error> {
+    /// let title = String::from("hello");
+    /// let id: i64 = pool
+    ///     .write(|mut conn| async move {
+    ///         sqlx::query_scalar("insert into posts (title) values ($1) returning id")
+    ///             .bind(&title)
+    ///             .fetch_one(&mut *conn)
+    ///             .await
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when no leader connection could be had within the acquire
+    /// timeout or it broke (then the scope is marked anyway: the write may have committed);
+    /// [`Error::Database`] when `op` failed.
+    pub async fn write<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        self.write_in(None, op).await
+    }
+
+    /// Executes one statement on the leader and marks the current scope when it succeeds.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub async fn execute<'q, Q>(&self, query: Q) -> Result<PgQueryResult, Error>
+    where
+        Q: Execute<'q, Postgres> + 'q,
+    {
+        self.execute_in(None, query).await
+    }
+
+    /// Begins a transaction on the leader; [`Transaction::commit`] marks the current scope.
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer.
+    pub async fn begin(&self) -> Result<Transaction, Error> {
+        self.begin_in(None).await
+    }
+
+    /// The leader's current WAL insert position (`pg_current_wal_insert_lsn()`).
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer.
+    pub async fn leader_position(&self) -> Result<WalPosition, Error> {
+        leader_position(&self.inner.leader).await
+    }
+
+    fn node_name(&self, target: Target) -> &str {
+        match target {
+            Target::Leader => self.inner.config.leader().name(),
+            Target::Follower(i) => self.inner.config.followers().get(i).map_or("?", Node::name),
+        }
+    }
+
+    fn pool_for(&self, target: Target) -> &PgPool {
+        match target {
+            Target::Leader => &self.inner.leader_reads,
+            Target::Follower(i) => self
+                .inner
+                .followers
+                .get(i)
+                .unwrap_or(&self.inner.leader_reads),
+        }
+    }
+
+    /// The span every statement runs in: where it went and why; never the scope's key.
+    fn span(&self, decision: Decision) -> tracing::Span {
+        tracing::debug_span!(
+            "distributed_sqlx",
+            target_kind = decision.target.kind(),
+            node = self.node_name(decision.target),
+            reason = decision.reason.label(),
+        )
+    }
+
+    fn failed(&self, failed: Failed) -> Error {
+        Error::on(failed.target, self.node_name(failed.target), failed.error)
+    }
+
+    async fn read_in(&self, table: Option<&str>) -> Result<ReadConnection, Error> {
+        let scope = current_scope();
+        read_with_failover(
+            &*self.inner.router,
+            scope.as_ref(),
+            table,
+            |failed: &Failed| is_unavailable(&failed.error),
+            |decision| {
+                let acquire = self.pool_for(decision.target).acquire();
+                async move {
+                    acquire
+                        .await
+                        .map(|conn| ReadConnection::new(conn, decision))
+                        .map_err(|error| Failed {
+                            target: decision.target,
+                            error,
+                        })
+                }
+                .instrument(self.span(decision))
+            },
+        )
+        .await
+        .map_err(|failed| self.failed(failed))
+    }
+
+    async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
+    where
+        F: FnMut(ReadConnection) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let scope = current_scope();
+        // read_with_failover calls its closure once per attempt; the attempt's future needs
+        // `op` too, and a closure cannot lend its own captures to the future it returns.
+        let op = Mutex::new(op);
+        let op = &op;
+        read_with_failover(
+            &*self.inner.router,
+            scope.as_ref(),
+            table,
+            |failed: &Failed| is_unavailable(&failed.error),
+            |decision| {
+                let pool = self.pool_for(decision.target);
+                let failed = move |error| Failed {
+                    target: decision.target,
+                    error,
+                };
+                async move {
+                    let conn = pool.acquire().await.map_err(failed)?;
+                    let run = {
+                        let mut op = op.lock().unwrap_or_else(PoisonError::into_inner);
+                        (*op)(ReadConnection::new(conn, decision))
+                    };
+                    run.await.map_err(failed)
+                }
+                .instrument(self.span(decision))
+            },
+        )
+        .await
+        .map_err(|failed| self.failed(failed))
+    }
+
+    async fn write_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let scope = current_scope();
+        let decision = self.inner.router.route_write(scope.as_ref(), table);
+        let marker = &self.inner.marker;
+        async {
+            let conn = self
+                .inner
+                .leader
+                .acquire()
+                .await
+                .map_err(Error::on_leader)?;
+            match op(conn).await {
+                Ok(value) => {
+                    marker.mark(scope.as_ref(), table, true).await;
+                    Ok(value)
+                }
+                Err(error) => {
+                    if is_unavailable(&error) {
+                        marker.mark(scope.as_ref(), table, false).await;
+                    }
+                    Err(Error::on_leader(error))
+                }
+            }
+        }
+        .instrument(self.span(decision))
+        .await
+    }
+
+    async fn execute_in<'q, Q>(&self, table: Option<&str>, query: Q) -> Result<PgQueryResult, Error>
+    where
+        Q: Execute<'q, Postgres> + 'q,
+    {
+        self.write_in(table, |mut conn| async move {
+            Executor::execute(&mut *conn, query).await
+        })
+        .await
+    }
+
+    async fn begin_in(&self, table: Option<&str>) -> Result<Transaction, Error> {
+        let scope = current_scope();
+        let decision = self.inner.router.route_write(scope.as_ref(), table);
+        let tx = self
+            .inner
+            .leader
+            .begin()
+            .instrument(self.span(decision))
+            .await
+            .map_err(Error::on_leader)?;
+        Ok(Transaction::new(
+            tx,
+            self.inner.marker.clone(),
+            scope,
+            table.map(str::to_owned),
+        ))
+    }
+}
+
+/// The operations of [`DistributedPool`] for one table: its pins are per table when the router
+/// keeps them so (see `SessionCachedRouter::per_table`); otherwise the same as the pool's.
+pub struct Table<'a, R> {
+    pool: &'a DistributedPool<R>,
+    table: &'a str,
+}
+
+impl<R> fmt::Debug for Table<'_, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table").field("table", &self.table).finish()
+    }
+}
+
+impl<R: Router + 'static> Table<'_, R> {
+    /// [`DistributedPool::read`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::read`].
+    pub async fn read(&self) -> Result<ReadConnection, Error> {
+        self.pool.read_in(Some(self.table)).await
+    }
+
+    /// [`DistributedPool::read_leader`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::read_leader`].
+    pub async fn read_leader(&self) -> Result<ReadConnection, Error> {
+        force_leader(self.pool.read_in(Some(self.table))).await
+    }
+
+    /// [`DistributedPool::read_with`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::read_with`].
+    pub async fn read_with<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnMut(ReadConnection) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        self.pool.read_with_in(Some(self.table), op).await
+    }
+
+    /// [`DistributedPool::write`] to this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::write`].
+    pub async fn write<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        self.pool.write_in(Some(self.table), op).await
+    }
+
+    /// [`DistributedPool::execute`] on this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::execute`].
+    pub async fn execute<'q, Q>(&self, query: Q) -> Result<PgQueryResult, Error>
+    where
+        Q: Execute<'q, Postgres> + 'q,
+    {
+        self.pool.execute_in(Some(self.table), query).await
+    }
+
+    /// [`DistributedPool::begin`] for this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::begin`].
+    pub async fn begin(&self) -> Result<Transaction, Error> {
+        self.pool.begin_in(Some(self.table)).await
+    }
+}
