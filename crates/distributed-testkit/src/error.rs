@@ -105,11 +105,49 @@ pub enum RigError {
 }
 
 impl RigError {
+    /// Whether a server failed because its port was taken between our check and its bind.
+    pub(crate) fn is_port_clash(&self) -> bool {
+        let text = match self {
+            Self::CommandFailed { output_tail, .. } => output_tail,
+            Self::NotReady { log_tail, .. } => log_tail,
+            _ => return false,
+        };
+        text.contains("Address already in use")
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Self::Io {
             action,
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_taken_port_is_recognised_in_the_log_tail() {
+        let failed_start = RigError::CommandFailed {
+            command: "pg_ctl start".to_owned(),
+            status: ExitStatus::from_raw(1 << 8),
+            output_tail: "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use"
+                .to_owned(),
+        };
+        assert!(failed_start.is_port_clash());
+        assert!(failed_start.to_string().contains("Address already in use"));
+        let not_ready = RigError::NotReady {
+            what: "redis".to_owned(),
+            waited: Duration::from_secs(1),
+            log_tail: "Warning: Could not create server TCP listening socket 127.0.0.1:6379: \
+                       bind: Address already in use"
+                .to_owned(),
+        };
+        assert!(not_ready.is_port_clash());
+        assert!(!RigError::Unsupported("x").is_port_clash());
     }
 }

@@ -35,7 +35,7 @@
 //! [`Topology::start`] runs `initdb`, `pg_ctl` and `pg_basebackup` in a fresh directory (as the
 //! `postgres` user when run as root, since PostgreSQL refuses root), on free loopback ports, and
 //! stops everything when dropped. `cargo xtask integration-test` starts one topology for the whole
-//! test run and describes it to the tests through the variables in [`env`]; tests read it with
+//! test run and describes it to the tests through the variables in [`mod@env`]; tests read it with
 //! [`rig_or_skip`]. Without those variables the helpers skip, so `cargo test --workspace` passes
 //! with no server installed; with [`env::REQUIRE_RIG`] set (the xtask sets it) they fail instead.
 //!

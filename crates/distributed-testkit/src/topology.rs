@@ -86,6 +86,19 @@ impl Topology {
     /// the cache servers asked for; returns once every follower is in recovery and streaming and
     /// every cache server answers.
     pub async fn start(opts: TopologyOptions) -> Result<Self, RigError> {
+        // A port found free can be taken (by another test's outgoing connection, say) before our
+        // server binds it; a fresh set of ports nearly always does it.
+        let mut attempts_left = 3;
+        loop {
+            attempts_left -= 1;
+            match Self::start_once(&opts).await {
+                Err(e) if e.is_port_clash() && attempts_left > 0 => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn start_once(opts: &TopologyOptions) -> Result<Self, RigError> {
         let bin = postgres_bin_dir()?;
         let run_as = RunAs::detect()?;
         let parent = opts.parent_dir.clone().unwrap_or_else(std::env::temp_dir);
