@@ -103,22 +103,23 @@ impl Topology {
         let run_as = RunAs::detect()?;
         let parent = opts.parent_dir.clone().unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent).map_err(|e| RigError::io("creating", &parent, e))?;
+        let leader_port = process::free_port()?;
+        let mut follower_ports = Vec::with_capacity(opts.followers);
+        for _ in 0..opts.followers {
+            follower_ports.push(process::free_port()?);
+        }
         let dir = tempfile::Builder::new()
             .prefix("distributed-rig-")
             .tempdir_in(&parent)
             .map_err(|e| RigError::io("creating a rig directory in", &parent, e))?
             .keep();
-        let mut follower_ports = Vec::with_capacity(opts.followers);
-        for _ in 0..opts.followers {
-            follower_ports.push(process::free_port()?);
-        }
         // From here on, an early return drops `rig`, which stops what was started and removes
         // the directory.
         let cluster = PgCluster {
             bin,
             dir,
             run_as,
-            leader_port: process::free_port()?,
+            leader_port,
             follower_ports,
         };
         let mut rig = Self {
