@@ -17,6 +17,8 @@ const UNKNOWN: u64 = u64::MAX;
 #[derive(Debug)]
 pub struct FollowerSet {
     followers: Vec<FollowerState>,
+    /// The newest leader WAL position the monitor has seen, or `UNKNOWN`.
+    leader: AtomicU64,
     max_lag: Duration,
     readmit_ramp: Duration,
     probe_backoff_max: Duration,
@@ -67,6 +69,7 @@ impl FollowerSet {
                     failures: AtomicU32::new(0),
                 })
                 .collect(),
+            leader: AtomicU64::new(UNKNOWN),
             max_lag: config.max_follower_lag(),
             readmit_ramp: config.readmit_ramp(),
             probe_backoff_max: config.probe_backoff_max(),
@@ -137,15 +140,7 @@ impl FollowerSet {
         let previous = f.lag_micros.swap(micros, Ordering::AcqRel);
         let was_lagging = previous != UNKNOWN && Duration::from_micros(previous) > self.max_lag;
         // Positions only move forward: a measurement that arrives late must not undo a newer one.
-        let _ = f
-            .replayed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
-                Some(if current == UNKNOWN {
-                    replayed.0
-                } else {
-                    current.max(replayed.0)
-                })
-            });
+        raise(&f.replayed, replayed);
         let lagging = lag > self.max_lag;
         if lagging && !was_lagging {
             tracing::warn!(
@@ -159,6 +154,54 @@ impl FollowerSet {
         }
         metrics::gauge!("distributed_follower_lag_seconds", "follower" => f.name.clone())
             .set(lag.as_secs_f64());
+    }
+
+    /// Records that follower `index` has replayed at least `replayed`, without a lag
+    /// measurement (an on-demand check). Positions only move forward.
+    pub fn observe_replayed(&self, index: usize, replayed: WalPosition) {
+        if let Some(f) = self.followers.get(index) {
+            raise(&f.replayed, replayed);
+        }
+    }
+
+    /// Records that the leader has reached `position` (the [monitor](crate::spawn_monitor)
+    /// does, at every probe). Positions only move forward.
+    pub fn record_leader(&self, position: WalPosition) {
+        raise(&self.leader, position);
+    }
+
+    /// The newest leader WAL position recorded, if any: a lower bound of the leader's real
+    /// position, stale by up to one probe interval.
+    pub fn leader_position(&self) -> Option<WalPosition> {
+        let raw = self.leader.load(Ordering::Acquire);
+        (raw != UNKNOWN).then_some(WalPosition(raw))
+    }
+
+    /// Whether every follower, up or down, is known to have replayed `position`. Replay never
+    /// goes backwards, so from then on every server can serve a read that needs `position`.
+    pub(crate) fn all_replayed(&self, position: WalPosition) -> bool {
+        self.followers.iter().all(|f| {
+            let replayed = f.replayed.load(Ordering::Acquire);
+            replayed != UNKNOWN && replayed >= position.0
+        })
+    }
+
+    /// The follower to ask on demand whether it has reached a position: of those that could
+    /// serve an ordinary read, the one known to have replayed furthest (the likeliest to have
+    /// caught up); the first in configuration order on a tie.
+    pub(crate) fn furthest_available(&self) -> Option<usize> {
+        let now = Instant::now();
+        (0..self.followers.len())
+            .filter(|&i| matches!(self.eligibility(i, Freshness::Any, now), Ok(true)))
+            .max_by_key(|&i| {
+                let replayed = self.followers[i].replayed.load(Ordering::Acquire);
+                // Unknown sorts lowest; on a tie `max_by_key` keeps the last, so prefer lower
+                // indices by ranking them higher.
+                (
+                    if replayed == UNKNOWN { 0 } else { replayed + 1 },
+                    std::cmp::Reverse(i),
+                )
+            })
     }
 
     /// The last measured lag of follower `index`, if measured.
@@ -246,6 +289,17 @@ impl FollowerSet {
     }
 }
 
+/// Raises a position slot to at least `position` (`UNKNOWN` counts as lowest).
+fn raise(slot: &AtomicU64, position: WalPosition) {
+    let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+        Some(if current == UNKNOWN {
+            position.0
+        } else {
+            current.max(position.0)
+        })
+    });
+}
+
 /// Picks one follower among those eligible for a read.
 pub trait FollowerPicker: Send + Sync {
     /// One of `eligible` (follower indices, never empty).
@@ -329,6 +383,47 @@ mod tests {
         // A position never goes backwards, even if a stale measurement arrives late.
         s.record(0, Duration::ZERO, WalPosition(90));
         assert_eq!(s.replayed(0), Some(WalPosition(100)));
+    }
+
+    #[test]
+    fn positions_known_without_a_lag_measurement() {
+        let s = set(3);
+        assert_eq!(s.leader_position(), None);
+        s.record_leader(WalPosition(50));
+        s.record_leader(WalPosition(40));
+        assert_eq!(s.leader_position(), Some(WalPosition(50)));
+
+        assert!(!s.all_replayed(WalPosition(0)), "unknown is not replayed");
+        s.observe_replayed(0, WalPosition(30));
+        s.observe_replayed(0, WalPosition(20));
+        assert_eq!(s.replayed(0), Some(WalPosition(30)));
+        assert_eq!(s.lag(0), None);
+        s.observe_replayed(1, WalPosition(10));
+        s.observe_replayed(2, WalPosition(30));
+        assert!(s.all_replayed(WalPosition(10)));
+        assert!(!s.all_replayed(WalPosition(11)));
+        s.observe_replayed(9, WalPosition(1)); // ignored
+    }
+
+    #[test]
+    fn the_furthest_available_follower_is_asked_on_demand() {
+        let s = set(3);
+        assert_eq!(s.furthest_available(), Some(0), "all unknown: the first");
+        s.observe_replayed(1, WalPosition(10));
+        s.observe_replayed(2, WalPosition(10));
+        assert_eq!(s.furthest_available(), Some(1), "a tie: the first");
+        s.observe_replayed(2, WalPosition(11));
+        assert_eq!(s.furthest_available(), Some(2));
+        s.mark_down(2);
+        assert_eq!(s.furthest_available(), Some(1));
+        s.record(1, Duration::from_secs(5), WalPosition(12));
+        assert_eq!(
+            s.furthest_available(),
+            Some(0),
+            "lagging ones are not asked"
+        );
+        s.mark_down(0);
+        assert_eq!(s.furthest_available(), None);
     }
 
     #[tokio::test(start_paused = true)]

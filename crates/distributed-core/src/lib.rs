@@ -57,6 +57,7 @@
 //! ```
 
 mod cache;
+mod causal;
 mod config;
 mod decision;
 mod failover;
@@ -67,9 +68,11 @@ mod monitor;
 mod recently;
 mod router;
 mod scope;
+mod token;
 mod wal;
 
 pub use cache::{BoxError, Cache, CacheError, MemoryCache};
+pub use causal::{CausalRouter, CausalTracker};
 pub use config::{Config, ConfigBuilder, ConfigError, MAX_LAG_WINDOW, Node, redact_url};
 pub use decision::{Decision, Reason, Target};
 pub use failover::{READ_ONLY_SQLSTATE, is_unavailable_sqlstate, read_with_failover};
@@ -82,4 +85,5 @@ pub use router::{DistributedRouter, Router};
 pub use scope::{
     Freshness, Scope, ScopeKey, current_scope, force_leader, is_leader_forced, with_scope,
 };
+pub use token::{ConsistencyToken, MAX_TOKEN_LEN, TokenError, TokenSigner};
 pub use wal::{ParseWalPositionError, WalPosition};

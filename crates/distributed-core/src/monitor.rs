@@ -69,14 +69,18 @@ where
     let timeout = (interval * 4).max(Duration::from_secs(1));
     let mut tasks = Vec::with_capacity(router.followers().len() + 1);
     {
-        let (probe, history) = (probe.clone(), history.clone());
+        let (router, probe, history) = (router.clone(), probe.clone(), history.clone());
         tasks.push(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
                 match tokio::time::timeout(timeout, probe.leader_position()).await {
-                    Ok(Ok(position)) => history.observe(position, Instant::now()),
+                    Ok(Ok(position)) => {
+                        history.observe(position, Instant::now());
+                        // Causal mode's monotonic reads: where a read of the leader is known to be.
+                        router.followers().record_leader(position);
+                    }
                     Ok(Err(e)) => tracing::debug!(error = %e, "leader position probe failed"),
                     Err(_) => tracing::debug!("leader position probe timed out"),
                 }
@@ -245,6 +249,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(router.followers().lag(0), Some(Duration::ZERO));
         assert_eq!(monitor.leader_position(), Some(WalPosition(100)));
+        assert_eq!(router.followers().leader_position(), Some(WalPosition(100)));
 
         probe.follower_down.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;

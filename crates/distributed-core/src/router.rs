@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use crate::health::{FollowerPicker, FollowerSet, RandomPicker};
 use crate::recently::{RecentlyUpdated, Subject};
 use crate::scope::{Freshness, Scope, ScopeKey, is_leader_forced};
-use crate::{CacheError, Config, Decision, Reason, Target, WalPosition};
+use crate::{CacheError, Config, ConsistencyToken, Decision, Reason, Target, WalPosition};
 
 /// Decides where each statement goes. Adapters (`distributed-sqlx`, `distributed-bb8`) hold one
 /// and ask it before every statement.
@@ -156,14 +156,46 @@ impl<R: RecentlyUpdated, P: FollowerPicker> DistributedRouter<R, P> {
         result
     }
 
-    /// How fresh reads of `table` must be for `scope`, asking the pin store at most once per
-    /// memo key per request. `Err` means the store could not answer.
-    async fn need(&self, scope: &Scope, table: Option<&str>) -> Result<Freshness, CacheError> {
-        let memo_key = if self.recently.per_table() {
+    /// The picker.
+    pub(crate) fn picker(&self) -> &P {
+        &self.picker
+    }
+
+    /// The consistency token of `scope`: the strongest requirement of its reads, from this
+    /// request's own writes and reads, the tokens it was given, and (asked at most once per
+    /// request) the pin store. Put it in a response header or cookie, or in the payload of a
+    /// job enqueued now, and read with [`Scope::from_token`] there.
+    ///
+    /// # Errors
+    /// When the pin store could not answer; the token would not be trustworthy. (The request's
+    /// own [`Scope::token`] is still a lower bound.)
+    pub async fn token(&self, scope: &Scope) -> Result<ConsistencyToken, CacheError> {
+        let need = self.need(scope, None).await?;
+        Ok(scope.token().max(ConsistencyToken::new(need)))
+    }
+
+    /// The memo key of a read or write of `table`: the table in per-table mode, else the scope.
+    pub(crate) fn memo_key<'t>(&self, table: Option<&'t str>) -> Option<&'t str> {
+        if self.recently.per_table() {
             table
         } else {
             None
-        };
+        }
+    }
+
+    /// How fresh reads of `table` must be for `scope`: what the pin store says (asked at most
+    /// once per memo key per request) and what the scope's tokens require. `Err` means the
+    /// store could not answer.
+    pub(crate) async fn need(
+        &self,
+        scope: &Scope,
+        table: Option<&str>,
+    ) -> Result<Freshness, CacheError> {
+        Ok(self.lookup(scope, table).await?.max(scope.floor()))
+    }
+
+    async fn lookup(&self, scope: &Scope, table: Option<&str>) -> Result<Freshness, CacheError> {
+        let memo_key = self.memo_key(table);
         // What this request already learned (a lookup, or its own write) stands, unless the
         // cache failed since: then only a leader pin is still known to be enough.
         if let Some(known) = scope.memo(memo_key)
@@ -194,7 +226,7 @@ impl<R: RecentlyUpdated, P: FollowerPicker> DistributedRouter<R, P> {
         }
     }
 
-    async fn with_timeout<T>(
+    pub(crate) async fn with_timeout<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
@@ -301,7 +333,7 @@ impl<R: RecentlyUpdated, P: FollowerPicker> Router for DistributedRouter<R, P> {
     }
 }
 
-fn record_read(followers: &FollowerSet, decision: Decision) {
+pub(crate) fn record_read(followers: &FollowerSet, decision: Decision) {
     let node = match decision.target {
         Target::Leader => "leader",
         Target::Follower(i) => followers.name(i),
@@ -566,6 +598,36 @@ mod tests {
         assert_eq!(
             r.route_read(Some(&s), Some("users")).await.reason,
             Reason::HealthyFollower
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_carry_a_scope_to_a_job() {
+        let (r, _) = router(1);
+        let s = Scope::new("a");
+        assert_eq!(r.token(&s).await.unwrap(), ConsistencyToken::default());
+        r.record_write(Some(&Scope::new("a")), None, None)
+            .await
+            .unwrap();
+        // A later request of the same scope learns of the pin from the cache.
+        let later = Scope::new("a");
+        let token = r.token(&later).await.unwrap();
+        assert_eq!(token, ConsistencyToken::leader());
+        let job = Scope::from_token(&token);
+        assert_eq!(
+            r.route_read(Some(&job), None).await,
+            Decision::leader(Reason::RecentWrite)
+        );
+        // A position token sends the job to a follower that has it, and only then.
+        let job = Scope::from_token(&ConsistencyToken::at_least(WalPosition(10)));
+        assert_eq!(
+            r.route_read(Some(&job), Some("t")).await,
+            Decision::leader(Reason::RecentWrite)
+        );
+        r.followers().observe_replayed(0, WalPosition(10));
+        assert_eq!(
+            r.route_read(Some(&job), Some("t")).await,
+            Decision::follower(0, Reason::CaughtUpFollower)
         );
     }
 

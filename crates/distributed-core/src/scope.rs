@@ -7,14 +7,14 @@
 //! and a write earlier in the same request pins the rest of it even when the scope has no key
 //! yet (a visitor's first request) or the cache is down.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::task::futures::TaskLocalFuture;
 
-use crate::WalPosition;
+use crate::{ConsistencyToken, WalPosition};
 
 tokio::task_local! {
     static CURRENT: Scope;
@@ -91,6 +91,14 @@ struct State {
     memo: HashMap<Option<String>, Freshness>,
     /// The cache failed once in this request: do not ask it again, read the leader.
     cache_failed: bool,
+    /// What consistency tokens given to this scope require of every read, whatever the table.
+    floor: Freshness,
+    /// Causal mode: the memo keys whose read position this request already stored.
+    reads_stored: HashSet<Option<String>>,
+    /// Causal mode: the follower this request first read from, kept while it is eligible.
+    sticky: Option<usize>,
+    /// Causal mode: whether this request already asked a follower for its position.
+    probed: bool,
 }
 
 impl fmt::Debug for Scope {
@@ -128,6 +136,52 @@ impl Scope {
         self.lock().key.clone()
     }
 
+    /// A scope with no key whose reads see at least what `token` requires: a background job,
+    /// or another service, reading what the request that issued the token wrote.
+    ///
+    /// ```
+    /// use distributed_core::{ConsistencyToken, Freshness, Scope, WalPosition};
+    ///
+    /// // In the request that wrote: `router.token(&scope)` or `scope.token()`, into the job.
+    /// let payload = ConsistencyToken::at_least(WalPosition(0x5A0)).to_string();
+    /// // In the job:
+    /// let token: ConsistencyToken = payload.parse()?;
+    /// let scope = Scope::from_token(&token);
+    /// assert_eq!(scope.token().freshness(), Freshness::AtLeast(WalPosition(0x5A0)));
+    /// # Ok::<(), distributed_core::TokenError>(())
+    /// ```
+    pub fn from_token(token: &ConsistencyToken) -> Self {
+        Self::anonymous().with_token(token)
+    }
+
+    /// This scope, also requiring what `token` requires of every read (see
+    /// [`add_token`](Self::add_token)).
+    #[must_use]
+    pub fn with_token(self, token: &ConsistencyToken) -> Self {
+        self.add_token(token);
+        self
+    }
+
+    /// Makes every later read of this scope (every clone of it) at least as fresh as `token`
+    /// requires, whatever table it reads. Requirements only rise.
+    pub fn add_token(&self, token: &ConsistencyToken) {
+        let mut state = self.lock();
+        state.floor = state.floor.max(token.freshness());
+    }
+
+    /// The strongest requirement this request knows of without asking the cache: its own
+    /// writes, what it looked up, what it read (causal mode) and the tokens it was given.
+    /// The router's `token` also asks the cache for earlier requests' writes.
+    pub fn token(&self) -> ConsistencyToken {
+        let state = self.lock();
+        let strongest = state
+            .memo
+            .values()
+            .copied()
+            .fold(state.floor, Freshness::max);
+        ConsistencyToken::new(strongest)
+    }
+
     /// Replaces the key. This alone does not carry pins to the new key; routers do that in
     /// their `rekey` (see [`DistributedRouter::rekey`](crate::DistributedRouter::rekey)).
     pub fn set_key(&self, key: Option<ScopeKey>) {
@@ -156,6 +210,29 @@ impl Scope {
             .filter(|(_, f)| **f > Freshness::Any)
             .map(|(k, f)| (k.clone(), *f))
             .collect()
+    }
+
+    /// What the tokens given to this scope require.
+    pub(crate) fn floor(&self) -> Freshness {
+        self.lock().floor
+    }
+
+    /// Whether this request may store a read position for `memo_key`: true the first time only.
+    pub(crate) fn claim_read_store(&self, memo_key: Option<&str>) -> bool {
+        self.lock().reads_stored.insert(memo_key.map(str::to_owned))
+    }
+
+    pub(crate) fn sticky(&self) -> Option<usize> {
+        self.lock().sticky
+    }
+
+    pub(crate) fn set_sticky(&self, index: usize) {
+        self.lock().sticky.get_or_insert(index);
+    }
+
+    /// Whether this request may ask a follower for its position: true the first time only.
+    pub(crate) fn claim_probe(&self) -> bool {
+        !std::mem::replace(&mut self.lock().probed, true)
     }
 
     pub(crate) fn cache_failed(&self) -> bool {
@@ -262,6 +339,33 @@ mod tests {
         assert_eq!(s.memo(None), Some(Freshness::Leader));
         s.raise(Some("t"), Freshness::Any);
         assert_eq!(s.pins(), vec![(None, Freshness::Leader)]);
+    }
+
+    #[test]
+    fn tokens_raise_the_floor_and_show_in_the_scope_token() {
+        let s = Scope::from_token(&ConsistencyToken::at_least(WalPosition(7)));
+        assert_eq!(s.key(), None);
+        assert_eq!(s.floor(), Freshness::AtLeast(WalPosition(7)));
+        s.add_token(&ConsistencyToken::at_least(WalPosition(3)));
+        assert_eq!(s.floor(), Freshness::AtLeast(WalPosition(7)));
+        s.raise(Some("t"), Freshness::AtLeast(WalPosition(9)));
+        assert_eq!(s.token().freshness(), Freshness::AtLeast(WalPosition(9)));
+        let keyed = Scope::new("k").with_token(&ConsistencyToken::leader());
+        assert_eq!(keyed.token(), ConsistencyToken::leader());
+        assert_eq!(Scope::anonymous().token().freshness(), Freshness::Any);
+    }
+
+    #[test]
+    fn once_per_request_claims() {
+        let s = Scope::new("a");
+        assert!(s.claim_probe());
+        assert!(!s.claim_probe());
+        assert!(s.claim_read_store(None));
+        assert!(!s.claim_read_store(None));
+        assert!(s.claim_read_store(Some("t")));
+        s.set_sticky(1);
+        s.set_sticky(0);
+        assert_eq!(s.sticky(), Some(1));
     }
 
     #[test]
