@@ -1,1 +1,86 @@
-//! Placeholder; filled by its own issue.
+//! Read-your-writes routing for [bb8](https://docs.rs/bb8) pools of
+//! [`tokio_postgres`] connections: one leader, lagging streaming followers, and a
+//! [`Router`](distributed_core::Router) deciding which serves each read.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use distributed_bb8::DistributedPool;
+//! use distributed_core::{Config, DistributedRouter, MemoryCache, Scope, SessionCachedRouter, with_scope};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::builder()
+//!     .leader("sydney", "postgres://app:secret@leader.example/app")
+//!     .follower("frankfurt", "postgres://app:secret@follower-eu.example/app")
+//!     .lag_window(Duration::from_secs(2))
+//!     .build()?;
+//! let pins = SessionCachedRouter::new(MemoryCache::new(), config.lag_window());
+//! let router = DistributedRouter::new(config.clone(), pins);
+//! let pool = DistributedPool::connect(config, router).await?;
+//!
+//! // What a request handler does, inside the scope a `ScopeLayer` opened for its session:
+//! with_scope(Scope::new("session-abc"), async {
+//!     // Writes go to the leader and pin the scope for the lag window...
+//!     pool.execute("insert into posts (title) values ($1)", &[&"hello"]).await?;
+//!     // ...so reading back at once sees the write, although the followers lag behind.
+//!     let row = pool.query_one("select count(*) from posts", &[]).await?;
+//!     let posts: i64 = row.get(0);
+//!     println!("{posts} posts");
+//!     Ok::<_, distributed_bb8::Error>(())
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What the pool does for you
+//!
+//! - **Writes** ([`DistributedPool::execute`], [`write`](DistributedPool::write),
+//!   [`transaction`](DistributedPool::transaction)) go to the leader; once they succeed
+//!   (commit) the current scope is marked, and its reads go to the leader for the lag window.
+//! - **Reads** ([`query`](DistributedPool::query), [`query_one`](DistributedPool::query_one),
+//!   [`query_opt`](DistributedPool::query_opt), [`read_with`](DistributedPool::read_with),
+//!   [`read`](DistributedPool::read)) go where the router says. Every read connection is
+//!   read-only (`default_transaction_read_only=on`): a write sent through one fails with
+//!   [`Error::ReadOnly`].
+//! - **Follower failures** are invisible to readers: a follower that refuses or drops a
+//!   connection is marked down and the read runs on the next server (the leader when every
+//!   follower is down). A background monitor probes every server
+//!   (`pg_current_wal_lsn()` / `pg_last_wal_replay_lsn()`), measures each follower's lag,
+//!   skips followers further behind than
+//!   [`Config::max_follower_lag`](distributed_core::Config::max_follower_lag), and re-admits
+//!   followers that come back, with back-off, jitter and a gradual ramp.
+//! - **A failed mark** (the pin cache is down when a write succeeds) does not fail the write:
+//!   the router logs it and counts it (`distributed_mark_failures_total`), and the rest of the
+//!   request reads the leader; later requests of the scope read the leader too, for as long as
+//!   the cache cannot answer.
+//! - **The leader down**: writes fail with [`Error::LeaderUnavailable`] within the
+//!   [acquire timeout](Builder::acquire_timeout); reads that need no pin go on from the
+//!   followers. At start-up an unreachable leader is the same error; an unreachable follower is
+//!   logged (its URL without password) and starts marked down.
+//!
+//! Each statement the pool runs is inside a `tracing` span named `distributed_bb8` with the
+//! target kind, the server's configured name and the routing reason; metrics come from the
+//! router (see `distributed_core`). Neither ever carries a scope key or a password.
+//!
+//! The drivers are re-exported ([`bb8`], [`bb8_postgres`], [`tokio_postgres`]) so that an
+//! application uses the versions this crate was built with.
+
+mod error;
+mod pool;
+mod probe;
+mod read;
+
+pub use bb8;
+pub use bb8_postgres;
+pub use distributed_core;
+pub use error::Error;
+pub use pool::{Builder, DistributedPool, Params, Table};
+pub use read::ReadConnection;
+pub use tokio_postgres;
+
+/// The connection manager of every pool: `tokio_postgres` without TLS.
+pub type Manager = bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>;
+
+/// A leader connection handed to [`DistributedPool::write`].
+pub type Connection = bb8::PooledConnection<'static, Manager>;

@@ -1,6 +1,8 @@
 //! The one error type of the crate.
 
-use distributed_core::{ConfigError, READ_ONLY_SQLSTATE, Target, is_unavailable_sqlstate};
+use distributed_core::{
+    ConfigError, ParseWalPositionError, READ_ONLY_SQLSTATE, Target, is_unavailable_sqlstate,
+};
 
 /// What a [`DistributedPool`](crate::DistributedPool) operation can fail with.
 ///
@@ -55,6 +57,10 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+
+    /// The leader answered a WAL-position query with something that is not a `pg_lsn`.
+    #[error("the leader answered an invalid WAL position")]
+    InvalidWalPosition(#[from] ParseWalPositionError),
 
     /// The router was built for a different number of followers than the configuration has.
     #[error("the router knows {router} followers but the configuration has {config}")]

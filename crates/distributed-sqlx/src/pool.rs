@@ -293,8 +293,7 @@ async fn leader_position(leader: &PgPool) -> Result<WalPosition, Error> {
         .fetch_one(leader)
         .await
         .map_err(Error::on_leader)?;
-    text.parse()
-        .map_err(|e| Error::Database(sqlx::Error::Decode(Box::new(e))))
+    Ok(text.parse()?)
 }
 
 /// A failed attempt, and where it failed.

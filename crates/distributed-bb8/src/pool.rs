@@ -1,0 +1,787 @@
+//! The routing pool: a leader pool, one pool per follower, a router deciding between them.
+
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bb8::RunError;
+use bb8_postgres::PostgresConnectionManager;
+use distributed_core::{
+    Config, ConfigError, Decision, FollowerSet, MonitorHandle, Node, Router, Scope, Target,
+    WalPosition, current_scope, force_leader, read_with_failover, spawn_monitor,
+};
+use futures_util::future::BoxFuture;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use tracing::Instrument;
+
+use crate::error::is_unavailable;
+use crate::probe::PgProbe;
+use crate::{Connection, Error, Manager, ReadConnection};
+
+/// The option every read connection is opened with: a write sent through a read handle fails
+/// with SQLSTATE 25006 instead of succeeding unmarked (on the leader) or not at all.
+const READ_ONLY: &str = "-c default_transaction_read_only=on";
+
+/// Statement parameters, as `tokio_postgres` takes them.
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// A bb8 pool of `tokio_postgres` connections that routes: writes to the leader, reads to a
+/// follower unless the current [scope](distributed_core::current_scope) wrote within the lag
+/// window, the followers are down or lagging, or the pin cache cannot tell.
+///
+/// Cheap to clone (an `Arc`); the health and lag monitor it starts stops when the last clone is
+/// dropped.
+///
+/// | to do this | call | goes to | marks the scope |
+/// |---|---|---|---|
+/// | read | [`query`](Self::query), [`query_one`](Self::query_one), [`query_opt`](Self::query_opt), [`read_with`](Self::read_with) (retried elsewhere if a follower fails under them), or [`read`](Self::read) (a connection) | the router's choice | no |
+/// | read fresh data | [`read_leader`](Self::read_leader) | the leader | no |
+/// | write | [`execute`](Self::execute), [`write`](Self::write) | the leader | when it succeeds |
+/// | write several statements atomically | [`transaction`](Self::transaction) | the leader | when it commits |
+///
+/// [`table`](Self::table) gives the same methods for one table, for routers that pin per table.
+pub struct DistributedPool<R> {
+    inner: Arc<Inner<R>>,
+}
+
+struct Inner<R> {
+    router: Arc<R>,
+    config: Config,
+    /// Writes and transactions.
+    leader: bb8::Pool<Manager>,
+    /// Reads routed to the leader, read-only like every read.
+    leader_reads: bb8::Pool<Manager>,
+    followers: Vec<bb8::Pool<Manager>>,
+    marker: Marker,
+    /// Stops the monitor when the last clone of the pool is dropped.
+    _monitor: Option<MonitorHandle>,
+}
+
+impl<R> Clone for DistributedPool<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<R> fmt::Debug for DistributedPool<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistributedPool")
+            .field("leader", self.inner.config.leader())
+            .field("followers", &self.inner.config.followers())
+            .field(
+                "track_commit_position",
+                &self.inner.marker.track_commit_position,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`DistributedPool`]; every setting has a default, listed on its method.
+#[must_use]
+pub struct Builder<R> {
+    config: Config,
+    router: R,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    follower_acquire_timeout: Duration,
+    track_commit_position: bool,
+    monitor: bool,
+}
+
+impl<R> fmt::Debug for Builder<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("follower_acquire_timeout", &self.follower_acquire_timeout)
+            .field("track_commit_position", &self.track_commit_position)
+            .field("monitor", &self.monitor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Router + 'static> Builder<R> {
+    /// Connections per server and role (the leader has two pools: writes, and reads routed to
+    /// it). Default 10; at least 1.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long a write (or a read routed to the leader) waits for a leader connection before
+    /// failing with [`Error::LeaderUnavailable`]; also bounds the start-up check of the leader
+    /// and each connection attempt. Default 5 s.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How long a read waits for a follower connection before marking that follower down and
+    /// trying the next server. Short, because the read is waiting: default 1 s.
+    pub fn follower_acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.follower_acquire_timeout = timeout;
+        self
+    }
+
+    /// After each write, ask the leader for its WAL position (`pg_current_wal_insert_lsn()`, one
+    /// extra query) and hand it to [`Router::record_write`], for routers that send a scope's
+    /// reads to any follower that has replayed its writes. Default off.
+    pub fn track_commit_position(mut self, track: bool) -> Self {
+        self.track_commit_position = track;
+        self
+    }
+
+    /// Run the health and lag monitor ([`spawn_monitor`]) with the configuration's probe
+    /// interval. Default on; without it, followers marked down stay down.
+    pub fn monitor(mut self, monitor: bool) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
+    /// Connects. The leader must answer within the acquire timeout; a follower that does not
+    /// answer within the follower acquire timeout starts marked down (and logged, its URL
+    /// without password) and is re-admitted by the monitor when it answers.
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer; [`Error::InvalidUrl`],
+    /// [`Error::Config`] or [`Error::RouterMismatch`] for a configuration that cannot work.
+    pub async fn connect(self) -> Result<DistributedPool<R>, Error> {
+        for (name, value) in [
+            ("acquire_timeout", self.acquire_timeout),
+            ("follower_acquire_timeout", self.follower_acquire_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name).into());
+            }
+        }
+        let config = self.config;
+        if self.router.followers().len() != config.followers().len() {
+            return Err(Error::RouterMismatch {
+                router: self.router.followers().len(),
+                config: config.followers().len(),
+            });
+        }
+        let size = self.max_connections;
+        let leader_config = parse(config.leader(), self.acquire_timeout)?;
+        let follower_configs = config
+            .followers()
+            .iter()
+            .map(|node| parse(node, self.follower_acquire_timeout))
+            .collect::<Result<Vec<_>, _>>()?;
+        let leader = pool(leader_config.clone(), self.acquire_timeout, size);
+        let leader_reads = pool(read_only(&leader_config), self.acquire_timeout, size);
+        let followers: Vec<_> = follower_configs
+            .iter()
+            .map(|c| pool(read_only(c), self.follower_acquire_timeout, size))
+            .collect();
+
+        // A dedicated connection reports why it failed; a pool checkout would only time out.
+        if let Err(error) = check(&leader, self.acquire_timeout).await {
+            tracing::error!(
+                leader = %config.leader(),
+                %error,
+                "the leader is unreachable; the pool does not start"
+            );
+            return Err(Error::LeaderUnavailable(error));
+        }
+        let router = Arc::new(self.router);
+        let checks = followers
+            .iter()
+            .map(|pool| check(pool, self.follower_acquire_timeout));
+        let outcomes = futures_util::future::join_all(checks).await;
+        for ((index, node), outcome) in config.followers().iter().enumerate().zip(outcomes) {
+            if let Err(error) = outcome {
+                tracing::warn!(
+                    follower = node.name(),
+                    url = %node.redacted_url(),
+                    %error,
+                    "follower unreachable at start-up; marked down until it answers"
+                );
+                router.followers().mark_down(index);
+            }
+        }
+
+        let monitor = self.monitor.then(|| {
+            let timeout = config.probe_interval().max(Duration::from_secs(1));
+            let probe_pool = |c: &tokio_postgres::Config| pool(c.clone(), timeout, 1);
+            let probe = PgProbe {
+                leader: probe_pool(&leader_config),
+                followers: follower_configs.iter().map(probe_pool).collect(),
+                timeout,
+            };
+            spawn_monitor(router.clone(), Arc::new(probe), config.probe_interval())
+        });
+        let marker = Marker {
+            router: router.clone(),
+            leader: leader.clone(),
+            track_commit_position: self.track_commit_position,
+        };
+        Ok(DistributedPool {
+            inner: Arc::new(Inner {
+                router,
+                config,
+                leader,
+                leader_reads,
+                followers,
+                marker,
+                _monitor: monitor,
+            }),
+        })
+    }
+}
+
+fn parse(node: &Node, connect_timeout: Duration) -> Result<tokio_postgres::Config, Error> {
+    let mut config =
+        tokio_postgres::Config::from_str(node.url()).map_err(|source| Error::InvalidUrl {
+            node: node.name().to_owned(),
+            source,
+        })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(connect_timeout);
+    }
+    Ok(config)
+}
+
+fn read_only(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut config = config.clone();
+    let options = match config.get_options() {
+        Some(options) if !options.trim().is_empty() => format!("{options} {READ_ONLY}"),
+        _ => READ_ONLY.to_owned(),
+    };
+    config.options(&options);
+    config
+}
+
+fn pool(config: tokio_postgres::Config, timeout: Duration, size: u32) -> bb8::Pool<Manager> {
+    bb8::Pool::builder()
+        .max_size(size)
+        .connection_timeout(timeout)
+        // A server that refuses connections is down: say so at once instead of retrying
+        // until the timeout, so reads move on to the next server.
+        .retry_connection(false)
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls))
+}
+
+async fn check(
+    pool: &bb8::Pool<Manager>,
+    timeout: Duration,
+) -> Result<(), RunError<tokio_postgres::Error>> {
+    match tokio::time::timeout(timeout, pool.dedicated_connection()).await {
+        Ok(Ok(_client)) => Ok(()),
+        Ok(Err(error)) => Err(RunError::User(error)),
+        Err(_) => Err(RunError::TimedOut),
+    }
+}
+
+/// Records writes with the router: shared by the pool's write paths.
+#[derive(Clone)]
+struct Marker {
+    router: Arc<dyn Router>,
+    leader: bb8::Pool<Manager>,
+    track_commit_position: bool,
+}
+
+impl Marker {
+    /// Marks `scope` as having written `table`. A failure to store the pin is logged and counted
+    /// by the router and not returned: the write itself succeeded, and the rest of this request
+    /// reads the leader regardless.
+    ///
+    /// `committed` is false when the write's outcome is unknown (the connection broke mid-way):
+    /// the scope is pinned all the same, without asking a leader that just failed for its
+    /// position.
+    async fn mark(&self, scope: Option<&Scope>, table: Option<&str>, committed: bool) {
+        let Some(scope) = scope else { return };
+        let position = if self.track_commit_position && committed {
+            match leader_position(&self.leader).await {
+                Ok(position) => Some(position),
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the commit position; pinning to the leader");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Err(error) = self.router.record_write(Some(scope), table, position).await {
+            tracing::debug!(%error, "the write succeeded but its pin was not stored");
+        }
+    }
+}
+
+async fn leader_position(leader: &bb8::Pool<Manager>) -> Result<WalPosition, Error> {
+    let conn = leader.get().await.map_err(Error::on_leader)?;
+    let row = conn
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::on_leader(RunError::User(e)))?;
+    let text: String = row.try_get(0).map_err(Error::from)?;
+    Ok(text.parse()?)
+}
+
+/// A failed attempt, and where it failed.
+struct Failed {
+    target: Target,
+    error: RunError<tokio_postgres::Error>,
+}
+
+impl<R: Router + 'static> DistributedPool<R> {
+    /// Starts building a pool over the servers of `config`, routed by `router` (which must have
+    /// been built from the same configuration).
+    pub fn builder(config: Config, router: R) -> Builder<R> {
+        Builder {
+            config,
+            router,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            follower_acquire_timeout: Duration::from_secs(1),
+            track_commit_position: false,
+            monitor: true,
+        }
+    }
+
+    /// Connects with the default settings; see [`Builder::connect`].
+    ///
+    /// # Errors
+    /// As [`Builder::connect`].
+    pub async fn connect(config: Config, router: R) -> Result<Self, Error> {
+        Self::builder(config, router).connect().await
+    }
+
+    /// The router.
+    pub fn router(&self) -> &R {
+        &self.inner.router
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The followers' health and lag.
+    pub fn followers(&self) -> &FollowerSet {
+        self.inner.router.followers()
+    }
+
+    /// The leader's pool, unrouted: for migrations and administration. Writes sent here do
+    /// **not** mark the scope; application writes go through [`execute`](Self::execute),
+    /// [`write`](Self::write) or [`transaction`](Self::transaction).
+    pub fn leader(&self) -> &bb8::Pool<Manager> {
+        &self.inner.leader
+    }
+
+    /// The same operations for reads and writes of `table`, for routers that pin per table.
+    pub fn table<'a>(&'a self, table: &'a str) -> Table<'a, R> {
+        Table { pool: self, table }
+    }
+
+    /// A read-only connection to the server chosen for the current scope. A follower that
+    /// cannot hand out a connection is marked down and the next server is tried, so the caller
+    /// does not see its failure. A statement that fails after this returns is the caller's to
+    /// retry: [`query`](Self::query) and [`read_with`](Self::read_with) retry it for you.
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the read ended on the leader and it did not answer.
+    pub async fn read(&self) -> Result<ReadConnection, Error> {
+        self.read_in(None).await
+    }
+
+    /// A read-only connection to the leader, whatever the scope: for code that must see the
+    /// latest data (the decision's reason is [`Forced`](distributed_core::Reason::Forced)).
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer.
+    pub async fn read_leader(&self) -> Result<ReadConnection, Error> {
+        force_leader(self.read_in(None)).await
+    }
+
+    /// Runs the read `op` on a connection to the server chosen for the current scope; when it
+    /// fails because that follower became unreachable (refused, broken, shutting down), marks
+    /// the follower down and runs `op` again on the next choice.
+    ///
+    /// # Errors
+    /// The error of the last attempt: a query error, or the leader's unavailability.
+    pub async fn read_with<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnMut(ReadConnection) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.read_with_in(None, op).await
+    }
+
+    /// [`Client::query`](tokio_postgres::Client::query) through [`read_with`](Self::read_with).
+    ///
+    /// # Errors
+    /// As [`read_with`](Self::read_with).
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
+        self.read_with(|conn| async move { conn.query(sql, params).await })
+            .await
+    }
+
+    /// [`Client::query_one`](tokio_postgres::Client::query_one) through
+    /// [`read_with`](Self::read_with).
+    ///
+    /// # Errors
+    /// As [`read_with`](Self::read_with); [`Error::Database`] unless exactly one row came back.
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
+        self.read_with(|conn| async move { conn.query_one(sql, params).await })
+            .await
+    }
+
+    /// [`Client::query_opt`](tokio_postgres::Client::query_opt) through
+    /// [`read_with`](Self::read_with).
+    ///
+    /// # Errors
+    /// As [`read_with`](Self::read_with); [`Error::Database`] when more than one row came back.
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, Error> {
+        self.read_with(|conn| async move { conn.query_opt(sql, params).await })
+            .await
+    }
+
+    /// Runs `op` on a leader connection; when it succeeds, marks the current scope so its next
+    /// reads see the write.
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when no leader connection could be had within the acquire
+    /// timeout or it broke (then the scope is marked anyway: the write may have committed);
+    /// [`Error::Database`] when `op` failed.
+    pub async fn write<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.write_in(None, op).await
+    }
+
+    /// Executes one statement on the leader and marks the current scope when it succeeds;
+    /// returns the number of rows it changed.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
+        self.write_in(None, |conn| async move { conn.execute(sql, params).await })
+            .await
+    }
+
+    /// Runs `op` in a transaction on the leader, commits when it returns `Ok` and then marks the
+    /// current scope; rolls back when it returns `Err`.
+    ///
+    /// ```no_run
+    /// # async fn demo<R: distributed_core::Router + 'static>(
+    /// #     pool: distributed_bb8::DistributedPool<R>,
+    /// # ) -> Result<(), distributed_bb8::Error> {
+    /// let (from, to) = (1_i64, 2_i64);
+    /// pool.transaction(|tx| {
+    ///     Box::pin(async move {
+    ///         tx.execute("update accounts set balance = balance - 10 where id = $1", &[&from])
+    ///             .await?;
+    ///         tx.execute("update accounts set balance = balance + 10 where id = $1", &[&to])
+    ///             .await?;
+    ///         Ok::<_, distributed_bb8::Error>(())
+    ///     })
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// What `op` returned; or [`Error::LeaderUnavailable`] / [`Error::Database`] (converted
+    /// into `E`) when the transaction could not begin or commit.
+    pub async fn transaction<T, E, F>(&self, op: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c mut tokio_postgres::Transaction<'_>) -> BoxFuture<'c, Result<T, E>>,
+        E: From<Error>,
+    {
+        self.transaction_in(None, op).await
+    }
+
+    /// The leader's current WAL insert position (`pg_current_wal_insert_lsn()`).
+    ///
+    /// # Errors
+    /// [`Error::LeaderUnavailable`] when the leader does not answer.
+    pub async fn leader_position(&self) -> Result<WalPosition, Error> {
+        leader_position(&self.inner.leader).await
+    }
+
+    fn node_name(&self, target: Target) -> &str {
+        match target {
+            Target::Leader => self.inner.config.leader().name(),
+            Target::Follower(i) => self.inner.config.followers().get(i).map_or("?", Node::name),
+        }
+    }
+
+    fn pool_for(&self, target: Target) -> &bb8::Pool<Manager> {
+        match target {
+            Target::Leader => &self.inner.leader_reads,
+            Target::Follower(i) => self
+                .inner
+                .followers
+                .get(i)
+                .unwrap_or(&self.inner.leader_reads),
+        }
+    }
+
+    /// The span every statement runs in: where it went and why; never the scope's key.
+    fn span(&self, decision: Decision) -> tracing::Span {
+        tracing::debug_span!(
+            "distributed_bb8",
+            target_kind = decision.target.kind(),
+            node = self.node_name(decision.target),
+            reason = decision.reason.label(),
+        )
+    }
+
+    fn failed(&self, failed: Failed) -> Error {
+        Error::on(failed.target, self.node_name(failed.target), failed.error)
+    }
+
+    async fn read_in(&self, table: Option<&str>) -> Result<ReadConnection, Error> {
+        let scope = current_scope();
+        read_with_failover(
+            &*self.inner.router,
+            scope.as_ref(),
+            table,
+            |failed: &Failed| is_unavailable(&failed.error),
+            |decision| {
+                let pool = self.pool_for(decision.target);
+                async move {
+                    pool.get_owned()
+                        .await
+                        .map(|conn| ReadConnection::new(conn, decision))
+                        .map_err(|error| Failed {
+                            target: decision.target,
+                            error,
+                        })
+                }
+                .instrument(self.span(decision))
+            },
+        )
+        .await
+        .map_err(|failed| self.failed(failed))
+    }
+
+    async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
+    where
+        F: FnMut(ReadConnection) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let scope = current_scope();
+        // read_with_failover calls its closure once per attempt; the attempt's future needs
+        // `op` too, and a closure cannot lend its own captures to the future it returns.
+        let op = Mutex::new(op);
+        let op = &op;
+        read_with_failover(
+            &*self.inner.router,
+            scope.as_ref(),
+            table,
+            |failed: &Failed| is_unavailable(&failed.error),
+            |decision| {
+                let pool = self.pool_for(decision.target);
+                let failed = move |error| Failed {
+                    target: decision.target,
+                    error,
+                };
+                async move {
+                    let conn = pool.get_owned().await.map_err(failed)?;
+                    let run = {
+                        let mut op = op.lock().unwrap_or_else(PoisonError::into_inner);
+                        (*op)(ReadConnection::new(conn, decision))
+                    };
+                    run.await.map_err(|e| failed(RunError::User(e)))
+                }
+                .instrument(self.span(decision))
+            },
+        )
+        .await
+        .map_err(|failed| self.failed(failed))
+    }
+
+    async fn write_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let scope = current_scope();
+        let decision = self.inner.router.route_write(scope.as_ref(), table);
+        let marker = &self.inner.marker;
+        async {
+            let conn = self
+                .inner
+                .leader
+                .get_owned()
+                .await
+                .map_err(Error::on_leader)?;
+            match op(conn).await {
+                Ok(value) => {
+                    marker.mark(scope.as_ref(), table, true).await;
+                    Ok(value)
+                }
+                Err(error) => {
+                    let error = RunError::User(error);
+                    if is_unavailable(&error) {
+                        marker.mark(scope.as_ref(), table, false).await;
+                    }
+                    Err(Error::on_leader(error))
+                }
+            }
+        }
+        .instrument(self.span(decision))
+        .await
+    }
+
+    async fn transaction_in<T, E, F>(&self, table: Option<&str>, op: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c mut tokio_postgres::Transaction<'_>) -> BoxFuture<'c, Result<T, E>>,
+        E: From<Error>,
+    {
+        let scope = current_scope();
+        let decision = self.inner.router.route_write(scope.as_ref(), table);
+        let marker = &self.inner.marker;
+        let leader_error = |error| E::from(Error::on_leader(RunError::User(error)));
+        async {
+            let mut conn = self
+                .inner
+                .leader
+                .get()
+                .await
+                .map_err(|e| E::from(Error::on_leader(e)))?;
+            let mut tx = conn.transaction().await.map_err(leader_error)?;
+            let value = match op(&mut tx).await {
+                Ok(value) => value,
+                Err(error) => {
+                    // A failed rollback is the server's to finish when the connection closes.
+                    let _ = tx.rollback().await;
+                    return Err(error);
+                }
+            };
+            match tx.commit().await {
+                Ok(()) => {
+                    marker.mark(scope.as_ref(), table, true).await;
+                    Ok(value)
+                }
+                Err(error) => {
+                    let error = RunError::User(error);
+                    if is_unavailable(&error) {
+                        marker.mark(scope.as_ref(), table, false).await;
+                    }
+                    Err(E::from(Error::on_leader(error)))
+                }
+            }
+        }
+        .instrument(self.span(decision))
+        .await
+    }
+}
+
+/// The operations of [`DistributedPool`] for one table: its pins are per table when the router
+/// keeps them so (see `SessionCachedRouter::per_table`); otherwise the same as the pool's.
+pub struct Table<'a, R> {
+    pool: &'a DistributedPool<R>,
+    table: &'a str,
+}
+
+impl<R> fmt::Debug for Table<'_, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table").field("table", &self.table).finish()
+    }
+}
+
+impl<R: Router + 'static> Table<'_, R> {
+    /// [`DistributedPool::read`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::read`].
+    pub async fn read(&self) -> Result<ReadConnection, Error> {
+        self.pool.read_in(Some(self.table)).await
+    }
+
+    /// [`DistributedPool::read_leader`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::read_leader`].
+    pub async fn read_leader(&self) -> Result<ReadConnection, Error> {
+        force_leader(self.pool.read_in(Some(self.table))).await
+    }
+
+    /// [`DistributedPool::read_with`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::read_with`].
+    pub async fn read_with<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnMut(ReadConnection) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.pool.read_with_in(Some(self.table), op).await
+    }
+
+    /// [`DistributedPool::query`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::query`].
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
+        self.read_with(|conn| async move { conn.query(sql, params).await })
+            .await
+    }
+
+    /// [`DistributedPool::query_one`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::query_one`].
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
+        self.read_with(|conn| async move { conn.query_one(sql, params).await })
+            .await
+    }
+
+    /// [`DistributedPool::query_opt`] of this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::query_opt`].
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, Error> {
+        self.read_with(|conn| async move { conn.query_opt(sql, params).await })
+            .await
+    }
+
+    /// [`DistributedPool::write`] to this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::write`].
+    pub async fn write<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.pool.write_in(Some(self.table), op).await
+    }
+
+    /// [`DistributedPool::execute`] on this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::execute`].
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
+        self.pool
+            .write_in(Some(self.table), |conn| async move {
+                conn.execute(sql, params).await
+            })
+            .await
+    }
+
+    /// [`DistributedPool::transaction`] on this table.
+    ///
+    /// # Errors
+    /// As [`DistributedPool::transaction`].
+    pub async fn transaction<T, E, F>(&self, op: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c mut tokio_postgres::Transaction<'_>) -> BoxFuture<'c, Result<T, E>>,
+        E: From<Error>,
+    {
+        self.pool.transaction_in(Some(self.table), op).await
+    }
+}
