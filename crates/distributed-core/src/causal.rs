@@ -306,7 +306,8 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 
     /// Stores the write's position (keeping the higher one), or without a position, pins the
     /// leader for the lag window. Returns what the rest of the request needs: the stored
-    /// position, or the leader if a pin holds.
+    /// position, or the leader if a pin holds. When the position cannot be stored, it still
+    /// tries to pin the leader for the window, and returns the error.
     async fn mark_updated_at(
         &self,
         subject: Subject<'_>,
@@ -318,7 +319,15 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
         };
         let key = self.key('w', subject);
         let (pinned, stored) = tokio::join!(self.pinned(subject), self.raise(&key, position));
-        let stored = stored?;
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                // The position could not be stored. A time-mode pin, if the cache takes it,
+                // still covers lags within the window; the caller hears of the failure.
+                let _ = RecentlyUpdated::mark_updated(&self.pins, subject).await;
+                return Err(e);
+            }
+        };
         // The position is stored; if the pin could not be checked, the leader is the safe answer.
         Ok(match pinned {
             Ok(false) => at_least(Some(stored)),
