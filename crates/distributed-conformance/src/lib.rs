@@ -21,23 +21,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cache;
+mod logs;
+mod router;
 mod suite;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distributed_core::{Config, Decision, DistributedRouter, FollowerSet, SessionCachedRouter};
+use distributed_core::{Config, Decision, FollowerSet};
 
 pub use cache::SwitchableCache;
+pub use router::TestRouter;
 pub use suite::{
     cache_down_at_mark_time, read_your_writes, reads_return_to_followers_after_the_window,
-    starts_with_unreachable_servers, survives_follower_and_leader_crashes,
-    write_through_a_read_handle_fails,
+    reports_commit_positions, starts_with_unreachable_servers,
+    survives_follower_and_leader_crashes, write_through_a_read_handle_fails,
 };
-
-/// The router every test uses: pins per scope, in a cache a test can switch off.
-pub type TestRouter = DistributedRouter<SessionCachedRouter<Arc<SwitchableCache>>>;
 
 /// How a test wants the pool set up.
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ pub struct Settings {
     pub leader_timeout: Duration,
     /// How long a read waits for a follower before trying the next server.
     pub follower_timeout: Duration,
+    /// Whether writes report the leader's WAL position to the router.
+    pub track_commit_position: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +59,7 @@ impl Default for Settings {
             max_connections: 8,
             leader_timeout: Duration::from_secs(2),
             follower_timeout: Duration::from_millis(500),
+            track_commit_position: false,
         }
     }
 }

@@ -6,13 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use distributed_core::{
-    Config, Decision, DistributedRouter, Reason, Scope, SessionCachedRouter, Target, with_scope,
-};
+use distributed_core::{Config, Decision, Reason, Scope, Target, with_scope};
 use distributed_testkit::{TopologyOptions, private_topology_or_skip, rig_or_skip};
 use futures_util::StreamExt;
 use tokio::time::{Instant, sleep};
 
+use crate::logs::LogCapture;
 use crate::{Adapter, Settings, SwitchableCache, TestRouter};
 
 /// The window a test's pins live: the followers' apply delay plus a margin, so that once it is
@@ -25,6 +24,9 @@ fn config(leader: &str, followers: &[String], apply_delay: Duration) -> Config {
     let mut builder = Config::builder()
         .leader("leader", leader)
         .lag_window(lag_window(apply_delay))
+        // Probes starved of CPU on a loaded test machine over-estimate lag; a follower is only
+        // skipped for lagging well past the real apply delay.
+        .max_follower_lag(lag_window(apply_delay) + Duration::from_secs(1))
         .probe_interval(Duration::from_millis(200))
         .probe_backoff_max(Duration::from_secs(1))
         .readmit_ramp(Duration::from_secs(1));
@@ -36,9 +38,8 @@ fn config(leader: &str, followers: &[String], apply_delay: Duration) -> Config {
 
 fn router(config: &Config) -> (Arc<TestRouter>, Arc<SwitchableCache>) {
     let cache = Arc::new(SwitchableCache::new());
-    let pins = SessionCachedRouter::new(cache.clone(), config.lag_window());
     (
-        Arc::new(DistributedRouter::new(config.clone(), pins)),
+        Arc::new(TestRouter::new(config.clone(), cache.clone())),
         cache,
     )
 }
@@ -49,10 +50,21 @@ async fn connect<A: Adapter>(
     apply_delay: Duration,
     settings: Settings,
 ) -> (A, Arc<SwitchableCache>) {
+    let (pool, cache, _router) =
+        connect_with_router(leader, followers, apply_delay, settings).await;
+    (pool, cache)
+}
+
+async fn connect_with_router<A: Adapter>(
+    leader: &str,
+    followers: &[String],
+    apply_delay: Duration,
+    settings: Settings,
+) -> (A, Arc<SwitchableCache>, Arc<TestRouter>) {
     let config = config(leader, followers, apply_delay);
     let (router, cache) = router(&config);
-    match A::connect(config, router, settings).await {
-        Ok(pool) => (pool, cache),
+    match A::connect(config, router.clone(), settings).await {
+        Ok(pool) => (pool, cache, router),
         Err(e) => panic!("the pool did not start: {e:?}"),
     }
 }
@@ -288,6 +300,7 @@ pub async fn starts_with_unreachable_servers<A: Adapter>() {
     let mut followers = vec![dead.clone()];
     followers.extend(rig.follower_urls().iter().cloned());
 
+    let (logs, log_guard) = LogCapture::start();
     let (pool, _cache) = connect::<A>(
         rig.leader_url(),
         &followers,
@@ -298,6 +311,11 @@ pub async fn starts_with_unreachable_servers<A: Adapter>() {
     assert!(
         !pool.followers().is_up(0),
         "an unreachable follower starts marked down"
+    );
+    let logged = logs.text();
+    assert!(
+        logged.contains("follower-0") && logged.contains("postgres://postgres:***@127.0.0.1:"),
+        "the unreachable follower is logged, its URL without password:\n{logged}"
     );
     let table = unique("startup");
     unwrap("create table", pool.create_table(&table).await);
@@ -336,6 +354,58 @@ pub async fn starts_with_unreachable_servers<A: Adapter>() {
         !shown.contains(secret),
         "the error shows the password: {shown}"
     );
+    drop(log_guard);
+    let logged = logs.text();
+    assert!(
+        !logged.contains(secret),
+        "a log line shows the password:\n{logged}"
+    );
+}
+
+/// With commit-position tracking on, every write (plain or transaction) reports the leader's
+/// WAL position to the router, later writes at later positions; with it off (the default),
+/// none does, and no extra query runs.
+pub async fn reports_commit_positions<A: Adapter>() {
+    let Some(rig) = rig_or_skip("reports_commit_positions") else {
+        return;
+    };
+    let apply_delay = rig.apply_delay();
+    for track in [false, true] {
+        let settings = Settings {
+            track_commit_position: track,
+            ..Settings::default()
+        };
+        let (pool, _cache, router) =
+            connect_with_router::<A>(rig.leader_url(), rig.follower_urls(), apply_delay, settings)
+                .await;
+        let table = unique("positions");
+        unwrap("create table", pool.create_table(&table).await);
+        with_scope(scope(&table, "writer"), async {
+            unwrap("write", pool.write(&table, 1).await);
+            unwrap("write", pool.write_in_transaction(&table, 2).await);
+            unwrap("write", pool.write(&table, 3).await);
+        })
+        .await;
+        let positions = router.recorded_positions();
+        assert_eq!(positions.len(), 3, "one mark per write: {positions:?}");
+        if track {
+            let known: Vec<_> = positions.iter().flatten().copied().collect();
+            assert_eq!(
+                known.len(),
+                3,
+                "every write reports its position: {positions:?}"
+            );
+            assert!(
+                known.windows(2).all(|pair| pair[0] < pair[1]),
+                "later writes, later positions: {positions:?}"
+            );
+        } else {
+            assert!(
+                positions.iter().all(Option::is_none),
+                "tracking is off by default: {positions:?}"
+            );
+        }
+    }
 }
 
 /// The cache that holds pins is down when a write succeeds: the write still succeeds, and the

@@ -34,6 +34,7 @@ impl Adapter for Sqlx {
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.leader_timeout)
             .follower_acquire_timeout(settings.follower_timeout)
+            .track_commit_position(settings.track_commit_position)
             .connect()
             .await
             .map(Sqlx)
@@ -162,4 +163,9 @@ async fn cache_down_at_mark_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_follower_and_leader_crashes() {
     distributed_conformance::survives_follower_and_leader_crashes::<Sqlx>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_commit_positions() {
+    distributed_conformance::reports_commit_positions::<Sqlx>().await;
 }
