@@ -306,8 +306,9 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
 ///   reports a change it gives up on (metric `distributed_session_dead_writes_total`, the
 ///   [`on_dead_write`](WriteBehindBuilder::on_dead_write) hook, an error log): never silently.
 ///   A full outbox makes saves wait, then write through; a save is never dropped.
-/// - [`load`](Self::load) answers from the outbox, then the cache, then the database (the
-///   leader), refilling the cache.
+/// - [`load`](Self::load) looks at the outbox's pending value first, then the cache, then the
+///   database (the leader), refilling the cache; when several hold the session (another
+///   server saved it since this one's pending change), the higher version wins.
 /// - [`delete`](Self::delete) removes the session from cache and database at once and cancels
 ///   its pending write; the database keeps a tombstone that no late write can overwrite.
 /// - When the cache is down, saves write through to the database and loads read it; the
@@ -812,12 +813,30 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
 
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>, SessionError> {
         let now = SystemTime::now();
-        if let Some((_, change)) = self.outbox.peek(id) {
-            return live(id, change, now);
-        }
-        if self.recently_deleted(id) {
+        // This server's own unwritten change. Another server may have saved the session
+        // since, so it competes with what the cache or database holds: the higher version wins.
+        let pending = self.outbox.peek(id);
+        if let Some((_, Change::Deleted { .. })) = pending {
             return Ok(None);
         }
+        if pending.is_none() && self.recently_deleted(id) {
+            return Ok(None);
+        }
+        let newest =
+            |found: Option<(u64, Encoded)>| -> Result<Option<SessionRecord>, SessionError> {
+                let pending = pending.clone().and_then(|(version, change)| match change {
+                    Change::Live(encoded) => Some((version, encoded)),
+                    Change::Deleted { .. } => None,
+                });
+                let best = match (pending, found) {
+                    (Some(p), Some(f)) => Some(if f.0 > p.0 { f } else { p }),
+                    (p, f) => p.or(f),
+                };
+                match best {
+                    Some((_, encoded)) => live(id, Change::Live(encoded), now),
+                    None => Ok(None),
+                }
+            };
         let generation = *self.stripe(id).lock().await;
         let mut cache_up = true;
         if self.cache_trusted(id) {
@@ -827,8 +846,8 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
                     // A value that is not ours, or does not decode: the database decides.
                     if let Some((version, encoded)) = parse_cache_value(&value) {
                         self.clock.observe(version);
-                        if let Ok(record) = live(id, Change::Live(encoded), now) {
-                            return Ok(record);
+                        if encoded.decode(*id).is_ok() {
+                            return newest(Some((version, encoded)));
                         }
                     }
                 }
@@ -840,17 +859,27 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
             }
         }
         // The leader: a session saved a moment ago may not be on any follower yet.
-        let Some(stored) = self.with_db_timeout(self.db.load(id)).await? else {
-            return Ok(None);
+        let stored = match self.with_db_timeout(self.db.load(id)).await {
+            Ok(stored) => stored,
+            // Our own pending change is an answer, even with the database away.
+            Err(_) if pending.is_some() => return newest(None),
+            Err(e) => return Err(e),
+        };
+        let Some(stored) = stored else {
+            return newest(None);
         };
         self.clock.observe(stored.version);
         let Some(json) = stored.data else {
+            // A tombstone is final: whatever is pending here will not be written over it.
             return Ok(None);
         };
         let encoded = Encoded {
             json: json.into(),
             expires_at: stored.expires_at,
         };
+        if pending.is_some() {
+            return newest(Some((stored.version, encoded)));
+        }
         let Some(record) = live(id, Change::Live(encoded.clone()), now)? else {
             return Ok(None);
         };

@@ -158,6 +158,34 @@ async fn save_answers_from_the_cache_and_the_database_follows() {
 }
 
 #[tokio::test]
+async fn a_newer_save_on_another_server_beats_this_servers_pending_change() {
+    let (cache, db) = (FlakyCache::default(), TestDb::default());
+    let (a, b) = (
+        builder(&cache, &db).build().unwrap(),
+        builder(&cache, &db).build().unwrap(),
+    );
+    db.inner.set_down(true);
+    let mut record = session("a's");
+    a.save(&record).await.unwrap();
+    record.data.insert("tag".into(), json!("b's, newer"));
+    b.save(&record).await.unwrap();
+    // a still holds its own older change, unwritten; the cache has b's.
+    assert_eq!(a.stats().pending, 1);
+    assert_eq!(
+        tag_of(&a.load(&record.id).await.unwrap().unwrap()),
+        "b's, newer"
+    );
+    // With the cache gone too, a's pending change is still an answer.
+    cache.set_down(true);
+    assert_eq!(tag_of(&a.load(&record.id).await.unwrap().unwrap()), "a's");
+    cache.set_down(false);
+    db.inner.set_down(false);
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(db_tag(&db, &record.id).as_deref(), Some("b's, newer"));
+}
+
+#[tokio::test]
 async fn repeated_saves_coalesce_into_the_latest() {
     let (store, _, db) = store();
     let mut record = session("0");
