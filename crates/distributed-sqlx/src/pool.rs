@@ -687,3 +687,69 @@ impl<R: Router + 'static> Table<'_, R> {
         self.pool.begin_in(Some(self.table)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use distributed_core::{Config, DistributedRouter, MemoryCache, SessionCachedRouter};
+
+    use super::*;
+
+    type TestRouter = DistributedRouter<SessionCachedRouter<MemoryCache>>;
+
+    fn config(followers: usize) -> Config {
+        let mut builder =
+            Config::builder().leader("leader", "postgres://app:hunter2@127.0.0.1:1/app");
+        for i in 0..followers {
+            builder = builder.follower(
+                format!("f{i}"),
+                format!("postgres://app:hunter2@127.0.0.1:{}/app", i + 2),
+            );
+        }
+        builder.build().unwrap()
+    }
+
+    fn router(config: &Config) -> TestRouter {
+        DistributedRouter::new(
+            config.clone(),
+            SessionCachedRouter::new(MemoryCache::new(), config.lag_window()),
+        )
+    }
+
+    #[tokio::test]
+    async fn unusable_settings_are_refused_before_connecting() {
+        let c = config(1);
+        let zero = DistributedPool::builder(c.clone(), router(&c))
+            .follower_acquire_timeout(Duration::ZERO)
+            .connect()
+            .await;
+        assert!(matches!(
+            zero,
+            Err(Error::Config(ConfigError::ZeroDuration(
+                "follower_acquire_timeout"
+            )))
+        ));
+        let mismatch = DistributedPool::connect(config(2), router(&c)).await;
+        assert!(matches!(
+            mismatch,
+            Err(Error::RouterMismatch {
+                router: 1,
+                config: 2
+            })
+        ));
+        let bad_url = Config::builder()
+            .leader("leader", "postgres://h:notaport/db")
+            .build()
+            .unwrap();
+        let refused = DistributedPool::connect(bad_url.clone(), router(&bad_url)).await;
+        assert!(matches!(refused, Err(Error::InvalidUrl { node, .. }) if node == "leader"));
+    }
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        let c = config(1);
+        let shown = format!("{:?}", DistributedPool::builder(c.clone(), router(&c)));
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}
