@@ -35,8 +35,8 @@ pub use cache::SwitchableCache;
 pub use router::TestRouter;
 pub use suite::{
     cache_down_at_mark_time, read_your_writes, reads_return_to_followers_after_the_window,
-    reports_commit_positions, starts_with_unreachable_servers,
-    survives_follower_and_leader_crashes, write_through_a_read_handle_fails,
+    reports_commit_positions, skips_lagging_and_survives_crashes, starts_with_unreachable_servers,
+    write_through_a_read_handle_fails,
 };
 
 /// How a test wants the pool set up.

@@ -455,11 +455,13 @@ struct Tally {
     failed: Mutex<Vec<String>>,
 }
 
-/// 3. and 4., on a private topology: a follower crashed (`pg_ctl stop -m immediate`) in the
-///    middle of a read loop costs no read, and is used again once restarted; with the leader
-///    crashed, writes fail with the typed error within the timeout while reads without a pin go
-///    on from the followers, and once it is back writes work again.
-pub async fn survives_follower_and_leader_crashes<A: Adapter>() {
+/// On a private topology: followers whose replay is paused are skipped as lagging
+/// ([`Reason::FollowersLagging`]) once the monitor measures them past the maximum lag, and used
+/// again once they catch up; then 3. and 4.: a follower crashed (`pg_ctl stop -m immediate`) in
+/// the middle of a read loop costs no read, and is used again once restarted; with the leader
+/// crashed, writes fail with the typed error within the timeout while reads without a pin go on
+/// from the followers, and once it is back writes work again.
+pub async fn skips_lagging_and_survives_crashes<A: Adapter>() {
     let apply_delay = Duration::from_millis(500);
     let options = TopologyOptions {
         followers: 2,
@@ -468,7 +470,7 @@ pub async fn survives_follower_and_leader_crashes<A: Adapter>() {
     };
     let topology = unwrap(
         "private topology",
-        private_topology_or_skip("survives_follower_and_leader_crashes", options).await,
+        private_topology_or_skip("skips_lagging_and_survives_crashes", options).await,
     );
     let Some(topology) = topology else {
         return;
@@ -488,6 +490,49 @@ pub async fn survives_follower_and_leader_crashes<A: Adapter>() {
         unwrap("seed", pool.write(&table, id).await);
     }
     settle(apply_delay).await;
+
+    // Lag: both followers stop replaying while the leader moves on.
+    for follower in 0..2 {
+        unwrap(
+            "pause replay",
+            topology.pause_follower_replay(follower).await,
+        );
+    }
+    let max_lag = lag_window(apply_delay) + Duration::from_secs(1);
+    let mut next_id = 100;
+    let lagging = eventually(max_lag * 4, || {
+        next_id += 1;
+        let (pool, table, id) = (&pool, &table, next_id);
+        async move {
+            unwrap("write while replay is paused", pool.write(table, id).await);
+            let seen = with_scope(
+                scope(table, &format!("lag-reader-{id}")),
+                pool.read(table, 0),
+            );
+            unwrap("read while replay is paused", seen.await).decision
+                == Decision::leader(Reason::FollowersLagging)
+        }
+    })
+    .await;
+    assert!(
+        lagging,
+        "followers that stopped replaying were not skipped as lagging"
+    );
+    for follower in 0..2 {
+        unwrap(
+            "resume replay",
+            topology.resume_follower_replay(follower).await,
+        );
+    }
+    let caught_up = eventually(Duration::from_secs(15), || {
+        let (pool, table) = (&pool, &table);
+        async move {
+            let seen = with_scope(scope(table, "caught-up-reader"), pool.read(table, 0)).await;
+            unwrap("read after resuming", seen).decision.reason == Reason::HealthyFollower
+        }
+    })
+    .await;
+    assert!(caught_up, "followers that caught up were not used again");
 
     // 3. A follower crashes in the middle of a read loop.
     let stop = Arc::new(AtomicBool::new(false));
