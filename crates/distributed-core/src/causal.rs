@@ -261,6 +261,17 @@ fn decode(bytes: &[u8]) -> Result<WalPosition, CacheError> {
     }
 }
 
+/// Whether a read at `position` moves the scope past what it already needs.
+fn moved_past(known: Freshness, position: WalPosition) -> bool {
+    match known {
+        Freshness::Any => true,
+        Freshness::AtLeast(known) => position > known,
+        // A time-mode pin (or a leader token) hides the stored read position: the store
+        // compares.
+        Freshness::Leader => true,
+    }
+}
+
 fn at_least(position: Option<WalPosition>) -> Freshness {
     position.map_or(Freshness::Any, |p| {
         ConsistencyToken::at_least(p).freshness()
@@ -346,8 +357,9 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 ///   last measured position); later reads of the scope need at least that. Within a request,
 ///   reads stay on the first follower read while it can serve them, and the position is
 ///   stored at most once per request (per table in per-table mode), only when it moved forward
-///   and some follower is not yet known to be past it. Precise to within the monitor's probe
-///   interval: see below.
+///   and some follower is not yet known to be past it. A [forced](crate::force_leader) read
+///   counts as a read of the leader. Precise to within the monitor's probe interval: see
+///   below.
 /// - **On-demand check** ([`probe_on_demand`](Self::probe_on_demand)): when a read needs a
 ///   position no follower is known to have reached, the router asks the follower known to be
 ///   furthest for its current position, at most once per request and within a short timeout,
@@ -566,23 +578,39 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         let Some(position) = position else { return };
         let memo_key = self.inner.memo_key(table);
         let known = scope.memo(memo_key).unwrap_or_default().max(scope.floor());
-        let moved = match known {
-            Freshness::Any => true,
-            Freshness::AtLeast(known) => position > known,
-            // A time-mode pin hides the stored read position: let the store compare.
-            Freshness::Leader => true,
+        if !moved_past(known, position) {
+            return;
+        }
+        scope.raise(memo_key, at_least(Some(position)));
+        self.store_read(scope, memo_key, position).await;
+    }
+
+    /// Monotonic reads after a [forced](crate::force_leader) read of the leader: the rest of
+    /// the request, whatever it reads, and (stored) the scope's later requests need at least
+    /// where the leader was known to be.
+    async fn note_forced_read(&self, scope: &Scope, table: Option<&str>) {
+        let Some(position) = self.followers().leader_position() else {
+            return;
         };
-        if !moved {
+        if !moved_past(scope.floor(), position) {
             return;
         }
-        scope.raise(memo_key, ConsistencyToken::at_least(position).freshness());
-        // Only what a lookup saw can be raised safely; without a key there is nowhere to keep
-        // it; and once every follower is known past it, no server can be behind it again.
+        // The floor, not the memo: a memo entry would stand in for a lookup this read skipped.
+        scope.add_token(&ConsistencyToken::at_least(position));
+        self.store_read(scope, self.inner.memo_key(table), position)
+            .await;
+    }
+
+    /// Stores that the scope read at `position`, at most once per request and memo key.
+    async fn store_read(&self, scope: &Scope, memo_key: Option<&str>, position: WalPosition) {
+        // Without a key there is nowhere to keep it; after a failed lookup the cache is not
+        // asked again in this request; and once every follower is known past the position, no
+        // server can be behind it again.
         let Some(key) = scope.key() else { return };
-        if scope.cache_failed() || followers.all_replayed(position) {
-            return;
-        }
-        if !scope.claim_read_store(memo_key) {
+        if scope.cache_failed()
+            || self.followers().all_replayed(position)
+            || !scope.claim_read_store(memo_key)
+        {
             return;
         }
         let subject = Subject {
@@ -604,6 +632,11 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
 impl<C: Cache, P: FollowerPicker> Router for CausalRouter<C, P> {
     async fn route_read(&self, scope: Option<&Scope>, table: Option<&str>) -> Decision {
         let decision = if is_leader_forced() {
+            if let Some(scope) = scope
+                && self.tracker().is_monotonic()
+            {
+                self.note_forced_read(scope, table).await;
+            }
             Decision::leader(Reason::Forced)
         } else if self.followers().is_empty() {
             Decision::leader(Reason::NoFollowers)
@@ -951,6 +984,41 @@ mod tests {
             Target::Leader
         );
         r.followers().observe_replayed(0, WalPosition(500));
+        assert_eq!(
+            r.route_read(Some(&Scope::new("a")), None).await.target,
+            Target::Follower(0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forced_read_counts_for_monotonic_reads() {
+        let (r, _) = causal(1);
+        r.followers().record_leader(WalPosition(500));
+        r.followers().observe_replayed(0, WalPosition(400));
+        let first = Scope::new("a");
+        let d = crate::force_leader(r.route_read(Some(&first), None)).await;
+        assert_eq!(d, Decision::leader(Reason::Forced));
+        // The rest of the request, and the next one, do not go back to the follower.
+        assert_eq!(
+            r.route_read(Some(&first), None).await.target,
+            Target::Leader
+        );
+        assert_eq!(
+            r.route_read(Some(&Scope::new("a")), None).await.target,
+            Target::Leader
+        );
+        r.followers().observe_replayed(0, WalPosition(500));
+        assert_eq!(
+            r.route_read(Some(&Scope::new("a")), None).await.target,
+            Target::Follower(0)
+        );
+        // Without a scope, or with monotonic reads off, a forced read records nothing.
+        let (t, _) = tracker();
+        let r = CausalRouter::new(config(1), t.monotonic_reads(false));
+        r.followers().record_leader(WalPosition(500));
+        r.followers().observe_replayed(0, WalPosition(400));
+        crate::force_leader(r.route_read(Some(&Scope::new("a")), None)).await;
+        crate::force_leader(r.route_read(None, None)).await;
         assert_eq!(
             r.route_read(Some(&Scope::new("a")), None).await.target,
             Target::Follower(0)

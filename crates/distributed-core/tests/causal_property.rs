@@ -3,8 +3,8 @@
 //!
 //! 1. Read-your-writes: no scope reads a follower that has not yet replayed its own last write,
 //!    nor does a job reading with that scope's consistency token.
-//! 2. Monotonic reads, to the documented precision: a read never sees less than what the
-//!    scope's earlier reads were *known* to have seen — the server's position as last measured
+//! 2. Monotonic reads, to the documented precision: a read (forced to the leader or not) never
+//!    sees less than what the scope's earlier reads were *known* to have seen — the server's position as last measured
 //!    by the monitor — counting every earlier read of the same request, and the first read of
 //!    each earlier request (the one whose position is stored).
 //!
@@ -20,7 +20,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distributed_core::{
     BoxError, Cache, CacheError, CausalRouter, CausalTracker, Config, DistributedRouter,
-    MemoryCache, NodeProbe, Router, Scope, SessionCachedRouter, Target, WalPosition, spawn_monitor,
+    MemoryCache, NodeProbe, Router, Scope, SessionCachedRouter, Target, WalPosition, force_leader,
+    spawn_monitor,
 };
 use proptest::prelude::*;
 use tokio::time::Instant;
@@ -33,8 +34,13 @@ const SCOPES: usize = 5;
 enum Op {
     /// A request of `scope` that writes, then reads `reads` times.
     Write { scope: usize, reads: usize },
-    /// A request of `scope` that reads `reads` times.
-    Read { scope: usize, reads: usize },
+    /// A request of `scope` that reads `reads` times, the first inside `force_leader` when
+    /// `forced`.
+    Read {
+        scope: usize,
+        reads: usize,
+        forced: bool,
+    },
     /// A job with no session reads with the consistency token of `scope`.
     Job { scope: usize },
     /// Time passes.
@@ -48,7 +54,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..SCOPES, 0..3usize).prop_map(|(scope, reads)| Op::Write { scope, reads }),
-        6 => (0..SCOPES, 1..4usize).prop_map(|(scope, reads)| Op::Read { scope, reads }),
+        6 => (0..SCOPES, 1..4usize, prop::bool::weighted(0.1))
+            .prop_map(|(scope, reads, forced)| Op::Read { scope, reads, forced }),
         1 => (0..SCOPES).prop_map(|scope| Op::Job { scope }),
         4 => (0..WINDOW_MS).prop_map(|ms| Op::Wait { ms }),
         1 => (0..3usize).prop_map(|index| Op::Toggle { index }),
@@ -192,11 +199,22 @@ struct Case {
 
 impl Case {
     /// Runs the reads of one request and checks them.
-    async fn reads(&mut self, scope: usize, request: &Scope, reads: usize) -> Result<(), String> {
+    async fn reads(
+        &mut self,
+        scope: usize,
+        request: &Scope,
+        reads: usize,
+        forced: bool,
+    ) -> Result<(), String> {
         let mut request_floor = 0;
         let mut first: Option<u64> = None;
         for n in 0..reads {
-            let d = self.router.route_read(Some(request), None).await;
+            let route = self.router.route_read(Some(request), None);
+            let d = if forced && n == 0 {
+                force_leader(route).await
+            } else {
+                route.await
+            };
             let state = self.scopes[scope];
             let (seen, known) = {
                 let world = self.world.lock().unwrap();
@@ -244,16 +262,20 @@ impl Case {
                     .router
                     .record_write(Some(&request), None, Some(WalPosition(position)))
                     .await;
-                self.reads(scope, &request, reads).await?;
+                self.reads(scope, &request, reads, false).await?;
                 if recorded.is_err() {
                     // The cache could not take the position (its lookups fail): the rest of
                     // the request reads the leader, later requests are not promised the write.
                     self.scopes[scope].last_write = before.last_write;
                 }
             }
-            Op::Read { scope, reads } => {
+            Op::Read {
+                scope,
+                reads,
+                forced,
+            } => {
                 let request = Scope::new(format!("scope-{scope}"));
-                self.reads(scope, &request, reads).await?;
+                self.reads(scope, &request, reads, forced).await?;
             }
             Op::Job { scope } => {
                 let Routers::Causal(router) = &self.routers else {
@@ -381,7 +403,11 @@ fn time_mode_fails_read_your_writes_past_the_window() {
     let ops = vec![
         Op::Write { scope: 0, reads: 0 },
         Op::Wait { ms: WINDOW_MS },
-        Op::Read { scope: 0, reads: 1 },
+        Op::Read {
+            scope: 0,
+            reads: 1,
+            forced: false,
+        },
     ];
     let lagging = vec![3 * WINDOW_MS];
     assert!(run_case(Mode::Time, lagging.clone(), ops.clone()).is_err());
@@ -397,7 +423,11 @@ fn time_mode_fails_read_your_writes_past_the_window() {
 #[test]
 fn without_monotonic_reads_a_scope_goes_back_in_time() {
     let mut ops = vec![Op::Write { scope: 1, reads: 0 }, Op::Wait { ms: 500 }];
-    ops.extend((0..40).map(|_| Op::Read { scope: 0, reads: 1 }));
+    ops.extend((0..40).map(|_| Op::Read {
+        scope: 0,
+        reads: 1,
+        forced: false,
+    }));
     let delays = vec![0, 3 * WINDOW_MS];
     let off = Mode::Causal {
         monotonic: false,
