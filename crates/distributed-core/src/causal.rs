@@ -476,14 +476,6 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         self.inner.recently()
     }
 
-    /// See [`DistributedRouter::rekey`].
-    ///
-    /// # Errors
-    /// When a position could not be stored under the new key.
-    pub async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
-        self.inner.rekey(scope, key).await
-    }
-
     /// See [`DistributedRouter::token`].
     ///
     /// # Errors
@@ -661,6 +653,10 @@ impl<C: Cache, P: FollowerPicker> Router for CausalRouter<C, P> {
 
     fn followers(&self) -> &FollowerSet {
         self.inner.followers()
+    }
+
+    async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
+        self.inner.rekey(scope, key).await
     }
 }
 

@@ -44,6 +44,20 @@ pub trait Router: Send + Sync {
 
     /// The followers' health and lag, shared with adapters and the monitor.
     fn followers(&self) -> &FollowerSet;
+
+    /// Gives `scope` a new key (`None`: no key), carrying its pins to it: those its old key
+    /// holds from earlier requests and those of this request. A visitor who wrote before having
+    /// a session, or a login that cycles the session id, keeps reading its own writes.
+    ///
+    /// The default only changes the key; routers that keep pins override it.
+    ///
+    /// # Errors
+    /// When a pin could not be read or stored; the key is changed regardless, and the rest of
+    /// this request still reads its own writes.
+    async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
+        scope.set_key(key);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -64,6 +78,9 @@ impl<R: Router + ?Sized> Router for Arc<R> {
     }
     fn followers(&self) -> &FollowerSet {
         (**self).followers()
+    }
+    async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
+        (**self).rekey(scope, key).await
     }
 }
 
@@ -126,34 +143,6 @@ impl<R: RecentlyUpdated, P: FollowerPicker> DistributedRouter<R, P> {
     /// The pin store.
     pub fn recently(&self) -> &R {
         &self.recently
-    }
-
-    /// Gives `scope` a new key, carrying every pin it holds to it: a visitor who wrote before
-    /// having a session, or a login that cycles the session id, keeps reading its own writes.
-    ///
-    /// # Errors
-    /// When a pin could not be stored under the new key; the key is changed regardless.
-    pub async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
-        scope.set_key(key.clone());
-        let Some(key) = key else { return Ok(()) };
-        let mut result = Ok(());
-        for (table, freshness) in scope.pins() {
-            let position = match freshness {
-                Freshness::AtLeast(position) => Some(position),
-                _ => None,
-            };
-            let subject = Subject {
-                scope: &key,
-                table: table.as_deref(),
-            };
-            if let Err(e) = self
-                .with_timeout(self.recently.mark_updated_at(subject, position))
-                .await
-            {
-                result = Err(e);
-            }
-        }
-        result
     }
 
     /// The picker.
@@ -328,6 +317,38 @@ impl<R: RecentlyUpdated, P: FollowerPicker> Router for DistributedRouter<R, P> {
         result
     }
 
+    async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
+        let mut result = Ok(());
+        // The old key's pin from earlier requests (a login cycling the session id): learn it,
+        // memoized, so it is carried with the rest. Not knowing it, pin the leader: safe.
+        if let Some(old) = scope.key()
+            && key.as_ref() != Some(&old)
+            && let Err(e) = self.lookup(scope, None).await
+        {
+            scope.raise(None, Freshness::Leader);
+            result = Err(e);
+        }
+        scope.set_key(key.clone());
+        let Some(key) = key else { return result };
+        for (table, freshness) in scope.pins() {
+            let position = match freshness {
+                Freshness::AtLeast(position) => Some(position),
+                _ => None,
+            };
+            let subject = Subject {
+                scope: &key,
+                table: table.as_deref(),
+            };
+            if let Err(e) = self
+                .with_timeout(self.recently.mark_updated_at(subject, position))
+                .await
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
     fn followers(&self) -> &FollowerSet {
         &self.followers
     }
@@ -488,6 +509,42 @@ mod tests {
         let next_request = Scope::new("new-session");
         assert_eq!(
             r.route_read(Some(&next_request), None).await.reason,
+            Reason::RecentWrite
+        );
+    }
+
+    #[tokio::test]
+    async fn rekey_at_login_carries_the_old_keys_pin_from_earlier_requests() {
+        let (r, _) = router(1);
+        r.record_write(Some(&Scope::new("old")), None, None)
+            .await
+            .unwrap();
+        let login = Scope::new("old");
+        r.rekey(&login, Some("new".into())).await.unwrap();
+        let next = Scope::new("new");
+        assert_eq!(
+            r.route_read(Some(&next), None).await.reason,
+            Reason::RecentWrite
+        );
+        // An unpinned old key carries nothing.
+        let login = Scope::new("quiet");
+        r.rekey(&login, Some("quiet-new".into())).await.unwrap();
+        let next = Scope::new("quiet-new");
+        assert_eq!(
+            r.route_read(Some(&next), None).await.reason,
+            Reason::HealthyFollower
+        );
+    }
+
+    #[tokio::test]
+    async fn rekey_with_the_cache_down_pins_the_rest_of_the_request() {
+        let (r, cache) = router(1);
+        cache.down.store(true, Ordering::SeqCst);
+        let login = Scope::new("old");
+        assert!(r.rekey(&login, Some("new".into())).await.is_err());
+        assert_eq!(login.key(), Some("new".into()));
+        assert_eq!(
+            r.route_read(Some(&login), None).await.reason,
             Reason::RecentWrite
         );
     }

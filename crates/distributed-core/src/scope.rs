@@ -183,7 +183,7 @@ impl Scope {
     }
 
     /// Replaces the key. This alone does not carry pins to the new key; routers do that in
-    /// their `rekey` (see [`DistributedRouter::rekey`](crate::DistributedRouter::rekey)).
+    /// their [`rekey`](crate::Router::rekey).
     pub fn set_key(&self, key: Option<ScopeKey>) {
         self.lock().key = key;
     }
