@@ -18,6 +18,11 @@
 //!   block's reads to the leader.
 //! - [`FollowerSet`], [`spawn_monitor`] and [`read_with_failover`] keep reads off followers
 //!   that are down or too far behind.
+//! - Causal mode: [`CausalTracker`] remembers the WAL position of each scope's last write
+//!   instead of pinning it for a time window, so its reads go to any follower that has
+//!   replayed that far; [`CausalRouter`] adds monotonic reads and an on-demand check of a
+//!   follower's position. A [`ConsistencyToken`] (signed with a [`TokenSigner`]) carries a
+//!   scope's requirement into a background job or another service.
 //!
 //! Failing safe is the rule: when the cache cannot say whether a scope is pinned, the read
 //! goes to the leader ([`Reason::CacheUnavailable`]), never to a follower that may be stale.
