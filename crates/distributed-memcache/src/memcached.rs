@@ -1,6 +1,7 @@
 //! memcached, through `r2d2_memcache` or one shared `memcache::Client` per server.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -368,7 +369,22 @@ fn expiration(ttl: Duration, now: SystemTime) -> Option<u32> {
     Some(u32::try_from(now.saturating_add(seconds)).unwrap_or(u32::MAX))
 }
 
-/// The connections to one server of a generation; replaced whole when a socket broke.
+/// The connections to one server; replaced whole when one of its sockets broke.
+struct Generation {
+    connections: Connections,
+    /// Set when replaced: a call that finds it set after checking a connection out leaves it.
+    retired: AtomicBool,
+}
+
+impl Generation {
+    fn new(connections: Connections) -> Arc<Self> {
+        Arc::new(Self {
+            connections,
+            retired: AtomicBool::new(false),
+        })
+    }
+}
+
 enum Connections {
     Shared(memcache::Client),
     R2d2(r2d2::Pool<MemcacheConnectionManager>),
@@ -377,7 +393,7 @@ enum Connections {
 struct Server {
     url: Url,
     shown: String,
-    current: RwLock<Arc<Connections>>,
+    current: RwLock<Arc<Generation>>,
 }
 
 impl Server {
@@ -409,7 +425,7 @@ impl Server {
             .extend_pairs(kept)
             .append_pair("timeout", &settings.io_timeout.as_secs_f64().to_string());
         let connections = connect(&url, settings).map_err(|e| invalid(Box::new(e)))?;
-        let current = RwLock::new(Arc::new(connections));
+        let current = RwLock::new(Generation::new(connections));
         Ok(Self {
             url,
             shown,
@@ -417,16 +433,17 @@ impl Server {
         })
     }
 
-    fn current(&self) -> Arc<Connections> {
+    fn current(&self) -> Arc<Generation> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Replaces `broken`'s generation with fresh connections, unless another call already did.
-    fn retire(&self, broken: &Arc<Connections>, settings: &Settings) {
+    fn retire(&self, broken: &Arc<Generation>, settings: &Settings) {
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        broken.retired.store(true, Ordering::Release);
         if Arc::ptr_eq(&current, broken) {
             match connect(&self.url, settings) {
-                Ok(fresh) => *current = Arc::new(fresh),
+                Ok(fresh) => *current = Generation::new(fresh),
                 // Cannot happen with memcache 0.21; keeping the old pool beats failing calls.
                 Err(e) => tracing::warn!(error = %e, "could not replace a broken memcached pool"),
             }
@@ -472,26 +489,37 @@ impl Inner {
         op: impl FnOnce(&memcache::Client, &str) -> Result<T, MemcacheError>,
     ) -> Result<T, CacheError> {
         let server = &self.servers[key.server(self.servers.len())];
-        let connections = server.current();
-        let result = match &*connections {
+        let mut generation = server.current();
+        let result = match &generation.connections {
             Connections::Shared(client) => op(client, &key.text),
-            Connections::R2d2(pool) => match pool.get_timeout(self.settings.connect_timeout) {
-                Ok(client) => {
-                    let result = op(&client, &key.text);
-                    // Retire before the connection goes back, so no call of a newer generation
-                    // can be handed its socket.
-                    if result.as_ref().is_err_and(breaks_socket) {
-                        server.retire(&connections, &self.settings);
-                    }
+            Connections::R2d2(pool) => {
+                let mut client = pool
+                    .get_timeout(self.settings.connect_timeout)
+                    .map_err(|e| CacheError::Unavailable(Box::new(e)))?;
+                if generation.retired.load(Ordering::Acquire) {
+                    // Retired while this call waited: the connection may be the broken one.
                     drop(client);
-                    result
+                    generation = server.current();
+                    let Connections::R2d2(pool) = &generation.connections else {
+                        return Err(CacheError::Unavailable("memcached pool replaced".into()));
+                    };
+                    client = pool
+                        .get_timeout(self.settings.connect_timeout)
+                        .map_err(|e| CacheError::Unavailable(Box::new(e)))?;
                 }
-                Err(e) => return Err(CacheError::Unavailable(Box::new(e))),
-            },
+                let result = op(&client, &key.text);
+                // Retire before the connection goes back, so that whoever is handed it next
+                // sees the flag and leaves it.
+                if result.as_ref().is_err_and(breaks_socket) {
+                    server.retire(&generation, &self.settings);
+                }
+                drop(client);
+                result
+            }
         };
         result.map_err(|e| {
             if breaks_socket(&e) {
-                server.retire(&connections, &self.settings);
+                server.retire(&generation, &self.settings);
             }
             self.cache_error(e, value_len)
         })
@@ -657,6 +685,89 @@ mod tests {
                     }
                 ),
                 "{error:?}"
+            );
+        }
+    }
+
+    /// A memcached speaking just enough of the binary protocol: `version`, and `get` answered
+    /// with the key it was asked for as the value; the first `get` is answered late.
+    async fn late_answering_server() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first_get = Arc::new(AtomicBool::new(true));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let first_get = Arc::clone(&first_get);
+                tokio::spawn(async move {
+                    let mut header = [0_u8; 24];
+                    while socket.read_exact(&mut header).await.is_ok() {
+                        let opcode = header[1];
+                        let key_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+                        let extras_len = usize::from(header[4]);
+                        let body_len =
+                            u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+                        let mut body = vec![0; body_len as usize];
+                        if socket.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let (extras, value): (&[u8], Vec<u8>) = match opcode {
+                            0x00 => {
+                                if first_get.swap(false, Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                }
+                                (
+                                    &[0, 0, 0, 0],
+                                    body[extras_len..extras_len + key_len].to_vec(),
+                                )
+                            }
+                            _ => (&[], b"1.6.0".to_vec()),
+                        };
+                        let mut reply = vec![0x81, opcode, 0, 0, extras.len() as u8, 0, 0, 0];
+                        reply.extend_from_slice(
+                            &((extras.len() + value.len()) as u32).to_be_bytes(),
+                        );
+                        reply.extend_from_slice(&[0; 12]);
+                        reply.extend_from_slice(extras);
+                        reply.extend_from_slice(&value);
+                        if socket.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_answer_is_never_read_as_another_keys() {
+        for client in [MemcacheClient::Shared, MemcacheClient::R2d2] {
+            let addr = late_answering_server().await;
+            let cache = MemcacheCache::builder()
+                .server(addr.to_string())
+                .pool_size(1)
+                .client(client)
+                .build()
+                .unwrap();
+            let keys = cache.key_mapper().clone();
+            let late = cache.get("a").await.unwrap_err();
+            assert!(late.is_unavailable(), "{client:?}: {late:?}");
+            // Let the late answer arrive on the socket.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let mut served = 0;
+            for key in ["b", "c", "d", "e"] {
+                match cache.get(key).await {
+                    Ok(value) => {
+                        assert_eq!(value, Some(keys.map(key).into_bytes()), "{client:?}");
+                        served += 1;
+                    }
+                    Err(e) => assert!(e.is_unavailable(), "{client:?}: {e:?}"),
+                }
+            }
+            assert!(
+                served > 0,
+                "{client:?}: never recovered from the late answer"
             );
         }
     }
