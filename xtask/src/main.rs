@@ -5,13 +5,15 @@
 //! cargo xtask topology up [--apply-delay-ms N] [--followers N]
 //! cargo xtask topology status
 //! cargo xtask topology down
-//! cargo xtask demo
+//! cargo xtask demo [--apply-delay-ms N] [--followers N] [-- --mode time|causal --seconds N --sessions N]
 //! ```
 
 mod args;
+mod child;
 mod demo;
 mod integration_test;
 mod prerequisites;
+mod rig;
 mod survivors;
 mod topology;
 
@@ -31,8 +33,9 @@ tasks:
       start the same servers and leave them running (state in target/xtask-topology.env)
   topology status | topology down
       show whether they answer | stop them
-  demo
-      not yet implemented";
+  demo [--apply-delay-ms N] [--followers N] [-- --mode time|causal --seconds N --sessions N]
+      start the same servers, run the demo app and its scripted client against them (the
+      routing, live), tear everything down";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
