@@ -101,6 +101,7 @@ struct Settings {
     cleanup_interval: Option<Duration>,
     repair_interval: Duration,
     delete_memory: Duration,
+    cache_retry_after: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -121,6 +122,7 @@ impl Default for Settings {
             cleanup_interval: Some(Duration::from_secs(300)),
             repair_interval: Duration::from_secs(1),
             delete_memory: Duration::from_secs(600),
+            cache_retry_after: None,
         }
     }
 }
@@ -194,6 +196,21 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
     #[must_use]
     pub fn db_timeout(mut self, timeout: Duration) -> Self {
         self.settings.db_timeout = timeout;
+        self
+    }
+
+    /// After the cache is found unreachable, how long this server does not ask it at all
+    /// (default: it always asks). Saves write through and loads read the database meanwhile,
+    /// instead of each paying the cache's timeout.
+    ///
+    /// Off by default because it trades consistency between app servers for latency during
+    /// an outage: the pauses of two servers end at different times, and while one writes
+    /// around a cache that another reads again, the other can read a session older than the
+    /// first one's last save. With a single app server (or a cache that fails fast) nothing
+    /// is lost by leaving it off.
+    #[must_use]
+    pub fn cache_retry_after(mut self, pause: Option<Duration>) -> Self {
+        self.settings.cache_retry_after = pause;
         self
     }
 
@@ -280,6 +297,7 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
             clock: crate::clock::VersionClock::default(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(0)).collect(),
             stale: Mutex::default(),
+            cache_down_until: Mutex::default(),
             deleted: Mutex::default(),
             hook: self.hook,
             pins: self.pins,
@@ -365,6 +383,8 @@ struct Engine<C, D> {
     /// its cache refill would overwrite something newer.
     stripes: Box<[tokio::sync::Mutex<u64>]>,
     stale: Mutex<StaleCache>,
+    /// The cache was unreachable: not asked again until then.
+    cache_down_until: Mutex<Option<Instant>>,
     deleted: Mutex<RecentDeletes>,
     hook: Option<DeadWriteHook>,
     pins: Option<Arc<dyn PinCarrier>>,
@@ -599,10 +619,21 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
         &self,
         call: impl Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
+        if lock(&self.cache_down_until).is_some_and(|until| Instant::now() < until) {
+            return Err(CacheError::Unavailable(
+                "cache recently unreachable; not asked".into(),
+            ));
+        }
         let timeout = self.settings.cache_timeout;
-        tokio::time::timeout(timeout, call)
+        let result = tokio::time::timeout(timeout, call)
             .await
-            .unwrap_or(Err(CacheError::Timeout(timeout)))
+            .unwrap_or(Err(CacheError::Timeout(timeout)));
+        if let (Err(e), Some(pause)) = (&result, self.settings.cache_retry_after)
+            && e.is_unavailable()
+        {
+            *lock(&self.cache_down_until) = Some(Instant::now() + pause);
+        }
+        result
     }
 
     async fn with_db_timeout<T>(

@@ -402,18 +402,50 @@ async fn cache_down_writes_through_and_reads_the_database() {
         tag_of(&store.load(&record.id).await.unwrap().unwrap()),
         "v2"
     );
-    // Back up, the cache still holds v1 (as after a network partition): never served.
+    // Back up, the cache still holds v1 (as after a network partition): never served,
+    // whether the engine asks the cache again yet or not.
     cache.set_down(false);
+    let key = format!("distributed:session:{}", record.id);
+    assert!(
+        cache.inner.get(&key).await.unwrap().is_some(),
+        "v1 is there"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            tag_of(&store.load(&record.id).await.unwrap().unwrap()),
+            "v2"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The repair task deletes the stale entry within a round; loads refill it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         tag_of(&store.load(&record.id).await.unwrap().unwrap()),
         "v2"
     );
-    // The repair task deletes the stale entry within a round.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let key = format!("distributed:session:{}", record.id);
     let cached = cache.inner.get(&key).await.unwrap().unwrap();
     let (_, encoded) = parse_cache_value(&cached).unwrap();
     assert_eq!(tag_of(&encoded.decode(record.id).unwrap()), "v2");
+}
+
+#[tokio::test]
+async fn an_unreachable_cache_is_left_alone_for_a_while() {
+    let (cache, db) = (FlakyCache::default(), TestDb::default());
+    let store = builder(&cache, &db)
+        .cache_retry_after(Some(Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    cache.set_down(true);
+    let record = session("x");
+    store.save(&record).await.unwrap();
+    let calls = cache.calls.load(Ordering::SeqCst);
+    cache.set_down(false);
+    for _ in 0..10 {
+        store.save(&record).await.unwrap();
+        assert!(store.load(&record.id).await.unwrap().is_some());
+    }
+    assert_eq!(cache.calls.load(Ordering::SeqCst), calls, "not asked");
+    assert_eq!(store.stats().written_through, 11);
 }
 
 #[tokio::test]

@@ -15,11 +15,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use distributed_core::{Cache, CacheError, MemoryCache};
+use distributed_memcache::MemcacheCache;
 use distributed_session::{
     PgSessions, SessionData, SessionDatabase, SessionError, SessionId, SessionRecord, SessionRow,
     StoredSession, WriteBehindStore,
 };
-use distributed_testkit::{TopologyOptions, private_topology_or_skip, rig_or_skip};
+use distributed_testkit::{
+    EnvRig, TopologyOptions, memcached_or_skip, private_topology_or_skip, rig_or_skip,
+};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
@@ -257,11 +260,28 @@ async fn five_hundred_logins_read_back_at_once_are_never_lost() {
     let Some(rig) = rig_or_skip("five_hundred_logins_read_back_at_once_are_never_lost") else {
         return;
     };
+    logins(&rig, SwitchableCache::new(MemoryCache::new())).await;
+}
+
+#[tokio::test]
+async fn five_hundred_logins_through_memcached_are_never_lost() {
+    let test = "five_hundred_logins_through_memcached_are_never_lost";
+    let (Some(rig), Some(memcached)) = (rig_or_skip(test), memcached_or_skip(test)) else {
+        return;
+    };
+    let cache = MemcacheCache::builder()
+        .server(memcached)
+        .namespace(format!("t1-{}:", SessionId::generate()))
+        .build()
+        .unwrap();
+    logins(&rig, SwitchableCache::new(cache)).await;
+}
+
+async fn logins(rig: &EnvRig, cache: SwitchableCache) {
     assert!(!rig.follower_urls().is_empty(), "the rig needs a follower");
     let leader = pool(rig.leader_url()).await;
     let follower = pool(&rig.follower_urls()[0]).await;
     let db = table(&leader, "logins").await;
-    let cache = SwitchableCache::new(MemoryCache::new());
     // The login request runs on one app server, the next request on another: they share
     // only the cache and the database.
     let login_server = WriteBehindStore::builder(cache.clone(), db.clone())
@@ -436,12 +456,13 @@ async fn a_thousand_saves_survive_ten_seconds_without_the_leader() {
 // ---------------------------------------------------------------------------------------------
 // 3. The cache lost in the middle of a loop of saves and loads
 
-async fn cache_outage_loop(cache: SwitchableCache, stop_cache: impl AsyncFnMut(bool)) {
-    let Some(rig) = rig_or_skip("cache_outage_in_a_loop_of_saves_and_loads") else {
-        return;
-    };
+async fn cache_outage_loop(
+    leader_url: &str,
+    cache: impl Cache + Clone + 'static,
+    stop_cache: impl AsyncFnMut(bool),
+) {
     let mut stop_cache = stop_cache;
-    let leader = pool(rig.leader_url()).await;
+    let leader = pool(leader_url).await;
     let db = table(&leader, "cache_outage").await;
     let servers = [
         WriteBehindStore::builder(cache.clone(), db.clone())
@@ -457,11 +478,11 @@ async fn cache_outage_loop(cache: SwitchableCache, stop_cache: impl AsyncFnMut(b
     for record in &sessions {
         servers[0].save(record).await.unwrap();
     }
-    for step in 0..2000usize {
-        if step == 600 {
+    for step in 0..1200usize {
+        if step == 400 {
             stop_cache(true).await;
         }
-        if step == 1400 {
+        if step == 800 {
             stop_cache(false).await;
         }
         let i = step % sessions.len();
@@ -491,11 +512,53 @@ async fn cache_outage_loop(cache: SwitchableCache, stop_cache: impl AsyncFnMut(b
     drop_table(&leader, &db).await;
 }
 
+/// The cache unreachable but keeping its data (a network partition): when it answers again it
+/// holds values older than the database, which must never be served.
 #[tokio::test]
 async fn cache_outage_in_a_loop_of_saves_and_loads() {
+    let Some(rig) = rig_or_skip("cache_outage_in_a_loop_of_saves_and_loads") else {
+        return;
+    };
     let cache = SwitchableCache::new(MemoryCache::new());
     let switch = cache.clone();
-    cache_outage_loop(cache, async move |down| switch.set_down(down)).await;
+    cache_outage_loop(rig.leader_url(), cache, async move |down| {
+        switch.set_down(down)
+    })
+    .await;
+}
+
+/// memcached itself stopped mid-loop, and started again (empty).
+#[tokio::test]
+async fn memcached_stopped_in_a_loop_of_saves_and_loads() {
+    let opts = TopologyOptions {
+        followers: 0,
+        memcached: true,
+        ..TopologyOptions::default()
+    };
+    let Some(topology) =
+        private_topology_or_skip("memcached_stopped_in_a_loop_of_saves_and_loads", opts)
+            .await
+            .unwrap()
+    else {
+        return;
+    };
+    // A stopped memcached costs each call the client's connect timeout: keep it short.
+    let cache = MemcacheCache::builder()
+        .server(topology.memcached_addr().unwrap())
+        .connect_timeout(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let topology = Arc::new(topology);
+    let control = topology.clone();
+    cache_outage_loop(topology.leader_url(), cache, async move |down| {
+        if down {
+            control.stop_memcached().unwrap();
+        } else {
+            control.start_memcached().await.unwrap();
+        }
+    })
+    .await;
+    Arc::into_inner(topology).unwrap().shutdown().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
