@@ -12,7 +12,7 @@
 //! - naive: always a follower (the control: it must show stale reads);
 //! - time: the leader for the lag window after a write (`SessionCachedRouter`);
 //! - causal: `CausalRouter`, monitor every 100 ms; also with an on-demand check, with the
-//!   default 1 s monitor interval, and with monotonic reads off.
+//!   monitor every 1 s, and with monotonic reads off.
 //!
 //! `cargo bench -p distributed-core --bench causal`
 
