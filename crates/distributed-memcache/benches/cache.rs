@@ -1,6 +1,6 @@
 //! get and set latency (p50, p99) and throughput at 1, 16 and 64 concurrent tasks, for memcached
-//! through `r2d2_memcache`, memcached through one shared `memcache::Client`, and Redis, in one
-//! run. Criterion reports means, not tails, so this is a small harness of its own: every call is
+//! through `r2d2_memcache`, memcached through one shared `memcache::Client` (text protocol, the
+//! default, and binary protocol), and Redis, in one run. Criterion reports means, not tails, so this is a small harness of its own: every call is
 //! timed and the percentiles are read from the sorted samples.
 //!
 //! ```text
@@ -203,9 +203,10 @@ fn main() {
     runtime.block_on(async {
         // Generous timeouts: this measures speed, not failure.
         let timeout = Duration::from_secs(2);
-        let memcache = |client| {
+        let memcache = |client, protocol: &str| {
+            let addr = servers.memcached.trim_start_matches("memcache://");
             MemcacheCache::builder()
-                .server(&servers.memcached)
+                .server(format!("memcache://{addr}?protocol={protocol}"))
                 .namespace("bench:")
                 .client(client)
                 .connect_timeout(timeout)
@@ -215,10 +216,17 @@ fn main() {
                 .unwrap()
         };
         let backends: Vec<(&'static str, Arc<dyn Cache>)> = vec![
-            ("r2d2_memcache", Arc::new(memcache(MemcacheClient::R2d2))),
+            (
+                "r2d2_memcache",
+                Arc::new(memcache(MemcacheClient::R2d2, "ascii")),
+            ),
             (
                 "memcache::Client (shared)",
-                Arc::new(memcache(MemcacheClient::Shared)),
+                Arc::new(memcache(MemcacheClient::Shared, "ascii")),
+            ),
+            (
+                "memcache::Client (shared), binary protocol",
+                Arc::new(memcache(MemcacheClient::Shared, "binary")),
             ),
             (
                 "redis ConnectionManager",
