@@ -22,7 +22,10 @@ mod bench {
     use std::net::SocketAddr;
     use std::time::{Duration, Instant, SystemTime};
 
+    use std::sync::Arc;
+
     use distributed_core::{Cache, MemoryCache};
+    use distributed_memcache::MemcacheCache;
     use distributed_session::{
         PgSessions, SessionDatabase, SessionId, SessionRecord, SessionRow, WriteBehindStore,
     };
@@ -64,8 +67,10 @@ mod bench {
         let proxy = DelayProxy::start(upstream(leader_url), one_way)
             .await
             .unwrap();
+        // No ping before each acquire: the baseline pays only its own statement's round trip.
         let far_leader: PgPool = PgPoolOptions::new()
             .max_connections(8)
+            .test_before_acquire(false)
             .connect(&proxy.url_for(leader_url).unwrap())
             .await
             .unwrap();
@@ -77,21 +82,60 @@ mod bench {
         );
         let db = PgSessions::with_table(far_leader.clone(), &table).unwrap();
         db.migrate().await.unwrap();
-        let cache = MemoryCache::new();
+        let mut caches: Vec<(&str, Arc<dyn Cache>)> =
+            vec![("in-process MemoryCache", Arc::new(MemoryCache::new()))];
+        if let Ok(addr) = std::env::var("DISTRIBUTED_MEMCACHED_ADDR") {
+            let namespace = format!("bench-{}:", SessionId::generate());
+            let memcached = MemcacheCache::builder()
+                .server(addr)
+                .namespace(namespace)
+                .build()
+                .unwrap();
+            caches.push(("memcached (loopback)", Arc::new(memcached)));
+        }
+        println!(
+            "save latency, leader behind a proxy adding {:?} per round trip, {SAMPLES} saves each \
+             (after {WARMUP} warm-up saves), write-behind and write-through alternating",
+            one_way * 2
+        );
+        println!();
+        println!("| cache | store | p50 | p99 |");
+        println!("|---|---|---|---|");
+        for (name, cache) in caches {
+            let (behind, through) = compare(&db, cache).await;
+            let (b50, b99) = behind;
+            let (t50, t99) = through;
+            println!("| {name} | write-through (like CachingSessionStore) | {t50:.2?} | {t99:.2?} |");
+            println!("| {name} | write-behind (WriteBehindStore) | {b50:.2?} | {b99:.2?} |");
+            println!(
+                "| {name} | **ratio write-through / write-behind** | **{:.0}x** | {:.0}x |",
+                t50.as_secs_f64() / b50.as_secs_f64(),
+                t99.as_secs_f64() / b99.as_secs_f64()
+            );
+        }
+        let sql = format!("DROP TABLE {table}");
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&far_leader)
+            .await
+            .unwrap();
+    }
+
+    /// p50 and p99 of write-behind and of write-through saves over `cache`.
+    async fn compare(
+        db: &PgSessions<PgPool>,
+        cache: Arc<dyn Cache>,
+    ) -> ((Duration, Duration), (Duration, Duration)) {
         let write_behind = WriteBehindStore::builder(cache.clone(), db.clone())
             .build()
             .unwrap();
-
         let mut sessions: Vec<SessionRecord> = (0..SESSIONS)
             .map(|i| {
                 let mut r = SessionRecord::new(Duration::from_secs(3600));
                 r.data.insert("user".into(), i.into());
-                r.data
-                    .insert("cart".into(), serde_json::json!(["book", "pen"]));
+                r.data.insert("cart".into(), serde_json::json!(["book", "pen"]));
                 r
             })
             .collect();
-
         let (mut behind, mut through) = (Vec::new(), Vec::new());
         for i in 0..WARMUP + SAMPLES {
             let record = &mut sessions[i % SESSIONS];
@@ -101,7 +145,7 @@ mod bench {
             write_behind.save(record).await.unwrap();
             let b = started.elapsed();
             let started = Instant::now();
-            write_through(&cache, &db, record, i as u64).await;
+            write_through(&*cache, db, record, i as u64).await;
             let t = started.elapsed();
             if i >= WARMUP {
                 behind.push(b);
@@ -109,35 +153,15 @@ mod bench {
             }
         }
         write_behind.shutdown().await.unwrap();
-        let sql = format!("DROP TABLE {table}");
-        sqlx::query(AssertSqlSafe(sql))
-            .execute(&far_leader)
-            .await
-            .unwrap();
-
-        let (b50, b99) = (percentile(&mut behind, 50), percentile(&mut behind, 99));
-        let (t50, t99) = (percentile(&mut through, 50), percentile(&mut through, 99));
-        println!(
-            "save latency, leader behind a proxy adding {:?} per round trip, {SAMPLES} saves each, \
-             cache: in-process MemoryCache",
-            one_way * 2
-        );
-        println!("| store | p50 | p99 |");
-        println!("|---|---|---|");
-        println!(
-            "| write-through (cache + database, like CachingSessionStore) | {t50:.2?} | {t99:.2?} |"
-        );
-        println!("| write-behind (WriteBehindStore) | {b50:.2?} | {b99:.2?} |");
-        println!(
-            "| ratio (write-through / write-behind) | {:.0}x | {:.0}x |",
-            t50.as_secs_f64() / b50.as_secs_f64(),
-            t99.as_secs_f64() / b99.as_secs_f64()
-        );
+        (
+            (percentile(&mut behind, 50), percentile(&mut behind, 99)),
+            (percentile(&mut through, 50), percentile(&mut through, 99)),
+        )
     }
 
     /// The baseline: the request waits for the cache and the database, written together.
     async fn write_through(
-        cache: &MemoryCache,
+        cache: &dyn Cache,
         db: &PgSessions<PgPool>,
         record: &SessionRecord,
         version: u64,
