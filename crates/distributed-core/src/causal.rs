@@ -18,7 +18,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -234,6 +234,31 @@ impl<C: Cache> CausalTracker<C> {
         }
     }
 
+    /// What reads of `subject` need, in two parts: what its writes need (the leader under a
+    /// time-mode pin, else its last write's position) and, with monotonic reads, the newest
+    /// position it read at. [`freshness`](RecentlyUpdated::freshness) is their maximum. One
+    /// round trip: the entries are looked up concurrently.
+    pub(crate) async fn requirements(
+        &self,
+        subject: Subject<'_>,
+    ) -> Result<(Freshness, Option<WalPosition>), CacheError> {
+        let write_key = self.key('w', subject);
+        let read_key = self.key('r', subject);
+        let (pinned, write, read) =
+            tokio::join!(self.pinned(subject), self.position(&write_key), async {
+                if self.monotonic {
+                    self.position(&read_key).await
+                } else {
+                    Ok(None)
+                }
+            });
+        // A pin alone decides, even when the other lookups failed: the leader is always safe.
+        if pinned? {
+            return Ok((Freshness::Leader, None));
+        }
+        Ok((at_least(write?), read?))
+    }
+
     /// Stores `position` under `key` unless a higher one is there; returns the higher of the two.
     async fn raise(&self, key: &str, position: WalPosition) -> Result<WalPosition, CacheError> {
         let _serialized = self.lock_for(key).lock().await;
@@ -304,21 +329,8 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
     /// write and (with monotonic reads) its newest read. One round trip: the entries are looked
     /// up concurrently.
     async fn freshness(&self, subject: Subject<'_>) -> Result<Freshness, CacheError> {
-        let write_key = self.key('w', subject);
-        let read_key = self.key('r', subject);
-        let (pinned, write, read) =
-            tokio::join!(self.pinned(subject), self.position(&write_key), async {
-                if self.monotonic {
-                    self.position(&read_key).await
-                } else {
-                    Ok(None)
-                }
-            });
-        // A pin alone decides, even when the other lookups failed: the leader is always safe.
-        if pinned? {
-            return Ok(Freshness::Leader);
-        }
-        Ok(at_least(write?).max(at_least(read?)))
+        let (wrote, read) = self.requirements(subject).await?;
+        Ok(wrote.max(at_least(read)))
     }
 
     /// Stores the write's position (keeping the higher one), or without a position, pins the
@@ -364,14 +376,16 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 ///   reads stay on the first follower read while it can serve them, and the position is
 ///   stored at most once per request (per table in per-table mode), only when it moved forward
 ///   and some follower is not yet known to be past it. A [forced](crate::force_leader) read
-///   counts as a read of the leader. Precise to within the monitor's probe interval: see
-///   below.
-/// - **On-demand check** ([`probe_on_demand`](Self::probe_on_demand)): when a read needs a
-///   position no follower is known to have reached, the router asks the follower known to be
-///   furthest for its current position, at most once per request and within a short timeout,
-///   before giving up on followers and reading the leader. The answer also updates what every
-///   other request knows. A failed or slow check sends the read to the leader; it does not
-///   mark the follower down (the monitor decides that).
+///   counts as a read of the leader. A read that only this holds on the leader (a follower
+///   could serve what the scope wrote) says so: [`Reason::MonotonicFloor`]. Precise to within
+///   the monitor's probe interval: see below.
+/// - **On-demand check** ([`probe_on_demand`](Self::probe_on_demand) when building, or
+///   [`attach_probe`](Self::attach_probe) once the pool that owns the probe exists): when a
+///   read needs a position no follower is known to have reached, the router asks the follower
+///   known to be furthest for its current position, at most once per request and within a
+///   short timeout, before giving up on followers and reading the leader. The answer also
+///   updates what every other request knows. A failed or slow check sends the read to the
+///   leader; it does not mark the follower down (the monitor decides that).
 ///
 /// Feed it with [`spawn_monitor`](crate::spawn_monitor), which also records the leader's
 /// position.
@@ -387,8 +401,8 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 /// protected. A shorter [`probe_interval`](crate::ConfigBuilder::probe_interval) tightens it.
 ///
 /// ```
-/// use distributed_core::{CausalRouter, CausalTracker, Config, ConsistencyToken, MemoryCache,
-///                        Reason, Router, Scope, Target, WalPosition};
+/// use distributed_core::{CausalRouter, CausalTracker, Config, ConsistencyToken, Decision,
+///                        MemoryCache, Reason, Router, Scope, Target, WalPosition};
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 /// let config = Config::builder()
 ///     .leader("leader", "postgres://leader/app")
@@ -408,7 +422,8 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 ///
 /// // Her next request needs nothing of its own, yet does not go back in time to the follower...
 /// let second = Scope::new("carol");
-/// assert_eq!(router.route_read(Some(&second), None).await.target, Target::Leader);
+/// let read = router.route_read(Some(&second), None).await;
+/// assert_eq!(read, Decision::leader(Reason::MonotonicFloor));
 /// // ...until it has replayed what she saw.
 /// router.followers().observe_replayed(0, WalPosition(0x900));
 /// let third = Scope::new("carol");
@@ -419,7 +434,9 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 /// ```
 pub struct CausalRouter<C, P = RandomPicker> {
     inner: DistributedRouter<CausalTracker<C>, P>,
-    probe: Option<Arc<dyn NodeProbe>>,
+    /// Set once, when building or later through `&self`: the pool that owns the probe is
+    /// usually built after the router.
+    probe: OnceLock<Arc<dyn NodeProbe>>,
     probe_timeout: Duration,
 }
 
@@ -427,9 +444,29 @@ impl<C, P: fmt::Debug> fmt::Debug for CausalRouter<C, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CausalRouter")
             .field("inner", &self.inner)
-            .field("probe_on_demand", &self.probe.is_some())
+            .field("probe_on_demand", &self.probe.get().is_some())
             .field("probe_timeout", &self.probe_timeout)
             .finish()
+    }
+}
+
+/// What a read of a scope needs, in two parts.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    /// For its own writes and the tokens it was given.
+    wrote: Freshness,
+    /// Monotonic reads: the newest position it is known to have read at.
+    read: Option<WalPosition>,
+}
+
+impl Need {
+    const ANY: Need = Need {
+        wrote: Freshness::Any,
+        read: None,
+    };
+
+    fn all(self) -> Freshness {
+        self.wrote.max(at_least(self.read))
     }
 }
 
@@ -450,18 +487,73 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
     pub fn with_picker(config: Config, tracker: CausalTracker<C>, picker: P) -> Self {
         Self {
             inner: DistributedRouter::with_picker(config, tracker, picker),
-            probe: None,
+            probe: OnceLock::new(),
             probe_timeout: Self::DEFAULT_PROBE_TIMEOUT,
         }
     }
 
     /// Asks a follower for its position through `probe` when the monitor's last measurement
     /// cannot tell whether any follower has reached what a read needs (at most once per
-    /// request). Usually the same probe the monitor uses.
+    /// request). Usually the same probe the monitor uses; when that probe belongs to a pool
+    /// built after the router, see [`attach_probe`](Self::attach_probe).
     #[must_use]
     pub fn probe_on_demand(mut self, probe: Arc<dyn NodeProbe>) -> Self {
-        self.probe = Some(probe);
+        self.probe = OnceLock::from(probe);
         self
+    }
+
+    /// The on-demand check of [`probe_on_demand`](Self::probe_on_demand), turned on after
+    /// the router was built and shared: adapters build their pool (and its probe) from the
+    /// router, so the probe exists only afterwards.
+    ///
+    /// With `distributed-sqlx` or `distributed-bb8`, whose pools hand out the probe their
+    /// monitor uses:
+    ///
+    /// ```text
+    /// let pool = DistributedPool::connect(config, CausalRouter::new(config.clone(), tracker)).await?;
+    /// pool.router().attach_probe(pool.probe());
+    /// ```
+    ///
+    /// In general:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use distributed_core::{BoxError, CausalRouter, CausalTracker, Config, MemoryCache,
+    ///                        NodeProbe, WalPosition};
+    ///
+    /// struct Probe; // two queries against the servers, in an adapter
+    ///
+    /// #[async_trait::async_trait]
+    /// impl NodeProbe for Probe {
+    ///     async fn leader_position(&self) -> Result<WalPosition, BoxError> {
+    ///         Ok(WalPosition(0x900))
+    ///     }
+    ///     async fn follower_position(&self, _: usize) -> Result<WalPosition, BoxError> {
+    ///         Ok(WalPosition(0x900))
+    ///     }
+    /// }
+    ///
+    /// let config = Config::builder()
+    ///     .leader("leader", "postgres://leader/app")
+    ///     .follower("near", "postgres://follower/app")
+    ///     .build()?;
+    /// let tracker = CausalTracker::new(MemoryCache::new(), config.lag_window());
+    /// let router = Arc::new(CausalRouter::new(config, tracker));
+    /// // ... the pool is built from (a clone of) the router, and owns the probe ...
+    /// assert!(router.attach_probe(Arc::new(Probe)));
+    /// assert!(router.probes_on_demand());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// Returns whether `probe` was attached: `false` when the router already had one, which
+    /// stays (a probe is set once, so reads never race a change).
+    pub fn attach_probe(&self, probe: Arc<dyn NodeProbe>) -> bool {
+        self.probe.set(probe).is_ok()
+    }
+
+    /// Whether reads check a follower on demand (a probe is attached).
+    pub fn probes_on_demand(&self) -> bool {
+        self.probe.get().is_some()
     }
 
     /// How long an on-demand check may take before the read goes to the leader instead.
@@ -482,16 +574,56 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         self.inner.recently()
     }
 
-    /// See [`DistributedRouter::token`].
+    /// See [`DistributedRouter::token`]; it also carries what the scope read.
     ///
     /// # Errors
     /// When the cache could not answer.
     pub async fn token(&self, scope: &Scope) -> Result<ConsistencyToken, CacheError> {
-        self.inner.token(scope).await
+        let need = self.need(scope, None).await?;
+        Ok(scope.token().max(ConsistencyToken::new(need.all())))
+    }
+
+    /// What reads of `table` need for `scope`. The tracker is asked at most once per memo key
+    /// and request, as [`DistributedRouter`] does, but here its answer is kept in two parts,
+    /// so that a read held on the leader can say by which. `Err` means the cache could not
+    /// answer.
+    async fn need(&self, scope: &Scope, table: Option<&str>) -> Result<Need, CacheError> {
+        let memo_key = self.inner.memo_key(table);
+        if scope.memo(memo_key).is_none()
+            && !scope.cache_failed()
+            && let Some(key) = scope.key()
+        {
+            let subject = Subject {
+                scope: &key,
+                table: memo_key,
+            };
+            match self
+                .inner
+                .with_timeout(self.tracker().requirements(subject))
+                .await
+            {
+                Ok((wrote, read)) => {
+                    scope.raise(memo_key, wrote);
+                    if let Some(read) = read {
+                        scope.see(memo_key, read);
+                    }
+                }
+                Err(e) => {
+                    scope.set_cache_failed();
+                    return Err(e);
+                }
+            }
+        }
+        // Now memoized: the memo (writes, lookups) and the tokens, without asking the cache.
+        let wrote = self.inner.need(scope, table).await?;
+        Ok(Need {
+            wrote,
+            read: scope.seen(memo_key),
+        })
     }
 
     async fn route_scoped(&self, scope: &Scope, table: Option<&str>) -> Decision {
-        let need = match self.inner.need(scope, table).await {
+        let need = match self.need(scope, table).await {
             Ok(need) => need,
             Err(e) => {
                 tracing::debug!(error = %e, "position store unavailable; reading the leader");
@@ -505,15 +637,16 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         decision
     }
 
-    async fn decide(&self, scope: &Scope, need: Freshness) -> Decision {
-        if need == Freshness::Leader {
+    async fn decide(&self, scope: &Scope, need: Need) -> Decision {
+        let all = need.all();
+        if all == Freshness::Leader {
             return Decision::leader(Reason::RecentWrite);
         }
-        let reason = match need {
+        let reason = match all {
             Freshness::AtLeast(_) => Reason::CaughtUpFollower,
             _ => Reason::HealthyFollower,
         };
-        let candidates = self.followers().candidates(need);
+        let candidates = self.followers().candidates(all);
         if !candidates.eligible.is_empty() {
             let sticky = scope
                 .sticky()
@@ -521,21 +654,34 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
             let index = sticky.unwrap_or_else(|| self.inner.picker().pick(&candidates.eligible));
             return Decision::follower(index, reason);
         }
-        if let Freshness::AtLeast(position) = need
+        if let Freshness::AtLeast(position) = all
             && let Some(index) = self.check_on_demand(scope, position).await
         {
             return Decision::follower(index, reason);
         }
-        Decision::leader(match need {
-            Freshness::AtLeast(_) if candidates.any_up => Reason::RecentWrite,
-            _ if candidates.any_up => Reason::FollowersLagging,
-            _ => Reason::NoHealthyFollower,
-        })
+        Decision::leader(self.leader_reason(need, candidates.any_up))
+    }
+
+    /// Why no follower serves a read needing `need` (none could, and none caught up on
+    /// demand).
+    fn leader_reason(&self, need: Need, any_up: bool) -> Reason {
+        if !any_up {
+            return Reason::NoHealthyFollower;
+        }
+        // Held by what the scope read, not by what it wrote: a follower could serve the
+        // writes alone.
+        if need.all() > need.wrote && !self.followers().candidates(need.wrote).eligible.is_empty() {
+            return Reason::MonotonicFloor;
+        }
+        match need.wrote {
+            Freshness::Any => Reason::FollowersLagging,
+            _ => Reason::RecentWrite,
+        }
     }
 
     /// Asks the furthest available follower whether it has reached `position` now.
     async fn check_on_demand(&self, scope: &Scope, position: WalPosition) -> Option<usize> {
-        let probe = self.probe.as_ref()?;
+        let probe = self.probe.get()?;
         let followers = self.followers();
         let index = followers.furthest_available()?;
         if !scope.claim_probe() {
@@ -562,6 +708,16 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         caught_up.then_some(index)
     }
 
+    /// Everything the rest of this request's reads of `memo_key` need, as far as it knows
+    /// without asking the cache.
+    fn known(&self, scope: &Scope, memo_key: Option<&str>) -> Freshness {
+        scope
+            .memo(memo_key)
+            .unwrap_or_default()
+            .max(scope.floor())
+            .max(at_least(scope.seen(memo_key)))
+    }
+
     /// Monotonic reads: raises what the rest of the request (and, stored, the scope's later
     /// requests) needs to the position `decision`'s server is known to be at.
     async fn note_read(&self, scope: &Scope, table: Option<&str>, decision: Decision) {
@@ -575,11 +731,10 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         };
         let Some(position) = position else { return };
         let memo_key = self.inner.memo_key(table);
-        let known = scope.memo(memo_key).unwrap_or_default().max(scope.floor());
-        if !moved_past(known, position) {
+        if !moved_past(self.known(scope, memo_key), position) {
             return;
         }
-        scope.raise(memo_key, at_least(Some(position)));
+        scope.see(memo_key, position);
         self.store_read(scope, memo_key, position).await;
     }
 
@@ -590,13 +745,13 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         let Some(position) = self.followers().leader_position() else {
             return;
         };
-        if !moved_past(scope.floor(), position) {
+        let memo_key = self.inner.memo_key(table);
+        if !moved_past(self.known(scope, memo_key), position) {
             return;
         }
-        // The floor, not the memo: a memo entry would stand in for a lookup this read skipped.
-        scope.add_token(&ConsistencyToken::at_least(position));
-        self.store_read(scope, self.inner.memo_key(table), position)
-            .await;
+        // Not the memo: a memo entry would stand in for a lookup this read skipped.
+        scope.see_everywhere(position);
+        self.store_read(scope, memo_key, position).await;
     }
 
     /// Stores that the scope read at `position`, at most once per request and memo key.
@@ -641,7 +796,7 @@ impl<C: Cache, P: FollowerPicker> Router for CausalRouter<C, P> {
         } else {
             match scope {
                 Some(scope) => self.route_scoped(scope, table).await,
-                None => self.decide(&Scope::anonymous(), Freshness::Any).await,
+                None => self.decide(&Scope::anonymous(), Need::ANY).await,
             }
         };
         record_read(self.followers(), decision);
@@ -661,8 +816,37 @@ impl<C: Cache, P: FollowerPicker> Router for CausalRouter<C, P> {
         self.inner.followers()
     }
 
+    /// Carries the scope's pins to the new key as [`DistributedRouter`] does and, with
+    /// monotonic reads, what it read, as read positions.
     async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
-        self.inner.rekey(scope, key).await
+        let mut result = Ok(());
+        // The old key's entries from earlier requests, learned in their two parts (the inner
+        // router then finds them memoized). Not knowing them, it pins the leader: safe.
+        if let Some(old) = scope.key()
+            && key.as_ref() != Some(&old)
+            && let Err(e) = self.need(scope, None).await
+        {
+            result = Err(e);
+        }
+        let carried = self.inner.rekey(scope, key.clone()).await;
+        if let Some(key) = key
+            && self.tracker().is_monotonic()
+        {
+            for (table, position) in scope.seen_entries() {
+                let subject = Subject {
+                    scope: &key,
+                    table: table.as_deref(),
+                };
+                if let Err(e) = self
+                    .inner
+                    .with_timeout(self.tracker().mark_read_at(subject, position))
+                    .await
+                {
+                    result = Err(e);
+                }
+            }
+        }
+        result.and(carried)
     }
 }
 
@@ -1171,6 +1355,145 @@ mod tests {
             "a failed check does not mark it down"
         );
         assert_eq!(probe.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Scope `a` has seen data as of 500 (a forced read of the leader), and wrote at `wrote`
+    /// before; the followers are at 400 and 420. Where its next request reads, and why.
+    async fn after_seeing_500(monotonic: bool, wrote: Option<u64>) -> Decision {
+        let (t, _) = tracker();
+        let r = CausalRouter::new(config(2), t.monotonic_reads(monotonic));
+        r.followers().record_leader(WalPosition(500));
+        if let Some(wrote) = wrote {
+            r.record_write(Some(&Scope::new("a")), None, Some(WalPosition(wrote)))
+                .await
+                .unwrap();
+        }
+        r.followers().observe_replayed(0, WalPosition(400));
+        r.followers().observe_replayed(1, WalPosition(420));
+        crate::force_leader(r.route_read(Some(&Scope::new("a")), None)).await;
+        r.route_read(Some(&Scope::new("a")), None).await
+    }
+
+    #[tokio::test]
+    async fn a_read_held_on_the_leader_by_what_the_scope_read_says_so() {
+        // Nothing written: only the monotonic floor keeps it off the followers.
+        assert_eq!(
+            after_seeing_500(true, None).await,
+            Decision::leader(Reason::MonotonicFloor)
+        );
+        // A write both followers have: still the floor.
+        assert_eq!(
+            after_seeing_500(true, Some(300)).await,
+            Decision::leader(Reason::MonotonicFloor)
+        );
+        // A write no follower has: the write holds it there, whatever was read.
+        assert_eq!(
+            after_seeing_500(true, Some(450)).await,
+            Decision::leader(Reason::RecentWrite)
+        );
+        // Without monotonic reads the same script reads a follower.
+        let d = after_seeing_500(false, None).await;
+        assert_eq!(d.reason, Reason::HealthyFollower);
+        let d = after_seeing_500(false, Some(300)).await;
+        assert_eq!(d.reason, Reason::CaughtUpFollower);
+        assert!(matches!(d.target, Target::Follower(_)));
+        assert_eq!(
+            after_seeing_500(false, Some(450)).await,
+            Decision::leader(Reason::RecentWrite)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_floor_is_told_apart_within_a_request_and_from_lagging_followers() {
+        let (r, _) = causal(2);
+        r.followers().record_leader(WalPosition(500));
+        r.followers().observe_replayed(0, WalPosition(400));
+        r.followers().observe_replayed(1, WalPosition(400));
+        // A token from a write no follower has: a write, whoever made it.
+        let job = Scope::from_token(&ConsistencyToken::at_least(WalPosition(450)));
+        assert_eq!(
+            r.route_read(Some(&job), None).await,
+            Decision::leader(Reason::RecentWrite)
+        );
+        // Within one request: after a leader read, the rest of it is held by the floor.
+        let s = Scope::new("b");
+        crate::force_leader(r.route_read(Some(&s), None)).await;
+        assert_eq!(
+            r.route_read(Some(&s), None).await,
+            Decision::leader(Reason::MonotonicFloor)
+        );
+        // Followers too far behind to serve anyone: that is the reason, not the floor.
+        r.followers()
+            .record(0, Duration::from_secs(3600), WalPosition(400));
+        r.followers()
+            .record(1, Duration::from_secs(3600), WalPosition(400));
+        assert_eq!(
+            r.route_read(Some(&Scope::new("b")), None).await,
+            Decision::leader(Reason::FollowersLagging)
+        );
+    }
+
+    #[tokio::test]
+    async fn rekey_carries_reads_as_reads_and_writes_as_writes() {
+        let (r, _) = causal(1);
+        r.followers().record_leader(WalPosition(500));
+        r.followers().observe_replayed(0, WalPosition(400));
+        let login = Scope::new("old");
+        crate::force_leader(r.route_read(Some(&login), None)).await;
+        r.rekey(&login, Some("new".into())).await.unwrap();
+        assert_eq!(
+            r.route_read(Some(&Scope::new("new")), None).await,
+            Decision::leader(Reason::MonotonicFloor)
+        );
+        // From an earlier request of the old key, learned at the login.
+        r.record_write(Some(&Scope::new("old2")), None, Some(WalPosition(450)))
+            .await
+            .unwrap();
+        let login = Scope::new("old2");
+        r.rekey(&login, Some("new2".into())).await.unwrap();
+        assert_eq!(
+            r.route_read(Some(&Scope::new("new2")), None).await,
+            Decision::leader(Reason::RecentWrite)
+        );
+        let key = ScopeKey::from("new");
+        assert_eq!(r.tracker().freshness(subject(&key)).await.unwrap(), at(500));
+        r.followers().observe_replayed(0, WalPosition(500));
+        assert_eq!(
+            r.route_read(Some(&Scope::new("new")), None).await,
+            Decision::follower(0, Reason::CaughtUpFollower)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_probe_attached_after_sharing_the_router_is_used_once_set() {
+        let (r, _) = causal(1);
+        let r = Arc::new(r);
+        assert!(!r.probes_on_demand());
+        r.record_write(Some(&Scope::new("a")), None, Some(WalPosition(100)))
+            .await
+            .unwrap();
+        let probe = Arc::new(FakeProbe::default());
+        probe.position.store(100, Ordering::SeqCst);
+        assert_eq!(
+            r.route_read(Some(&Scope::new("a")), None).await,
+            Decision::leader(Reason::RecentWrite),
+            "no probe yet: nobody asks the follower"
+        );
+        assert!(r.attach_probe(probe.clone()));
+        assert!(r.probes_on_demand());
+        assert!(
+            !r.attach_probe(Arc::new(FakeProbe::default())),
+            "the first probe stays"
+        );
+        assert_eq!(
+            r.route_read(Some(&Scope::new("a")), None).await,
+            Decision::follower(0, Reason::CaughtUpFollower)
+        );
+        assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+        // A probe given when building cannot be replaced either.
+        let (built, _) = causal(1);
+        let built = built.probe_on_demand(probe.clone());
+        assert!(!built.attach_probe(Arc::new(FakeProbe::default())));
     }
 
     #[tokio::test]

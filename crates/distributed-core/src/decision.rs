@@ -44,6 +44,11 @@ pub enum Reason {
     FollowersLagging,
     /// The cache holding the pins failed or timed out; the leader is the only safe choice.
     CacheUnavailable,
+    /// Causal mode with monotonic reads: a follower could serve what the scope wrote (and the
+    /// tokens it was given), but none is known to have replayed as far as what the scope
+    /// already read, so the leader serves it. The price of monotonic reads, counted apart from
+    /// [`RecentWrite`](Reason::RecentWrite).
+    MonotonicFloor,
 }
 
 impl Reason {
@@ -59,11 +64,12 @@ impl Reason {
             Reason::NoHealthyFollower => "no_healthy_follower",
             Reason::FollowersLagging => "followers_lagging",
             Reason::CacheUnavailable => "cache_unavailable",
+            Reason::MonotonicFloor => "monotonic_floor",
         }
     }
 
     /// Every reason, for tables and dashboards.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Write,
         Reason::RecentWrite,
         Reason::Forced,
@@ -73,6 +79,7 @@ impl Reason {
         Reason::NoHealthyFollower,
         Reason::FollowersLagging,
         Reason::CacheUnavailable,
+        Reason::MonotonicFloor,
     ];
 }
 
@@ -119,5 +126,18 @@ mod tests {
         labels.sort_unstable();
         labels.dedup();
         assert_eq!(labels.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn every_reason_is_listed_once_and_displays_its_label() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert!(
+                !Reason::ALL[..i].contains(reason),
+                "{reason:?} listed twice"
+            );
+            assert_eq!(reason.to_string(), reason.label());
+        }
+        assert_eq!(Reason::MonotonicFloor.label(), "monotonic_floor");
+        assert!(Reason::ALL.contains(&Reason::MonotonicFloor));
     }
 }

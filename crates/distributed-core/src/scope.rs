@@ -99,6 +99,13 @@ struct State {
     sticky: Option<usize>,
     /// Causal mode: whether this request already asked a follower for its position.
     probed: bool,
+    /// Causal mode, monotonic reads: the newest position the scope is known to have read at,
+    /// per memo key (looked up, or read in this request). Kept apart from the memo, so that a
+    /// read held on the leader by what the scope read is told from one held by what it wrote.
+    seen: HashMap<Option<String>, WalPosition>,
+    /// Causal mode, monotonic reads: the newest position a forced read of this request saw,
+    /// required of every later read whatever its table.
+    seen_everywhere: Option<WalPosition>,
 }
 
 impl fmt::Debug for Scope {
@@ -174,10 +181,12 @@ impl Scope {
     /// The router's `token` also asks the cache for earlier requests' writes.
     pub fn token(&self) -> ConsistencyToken {
         let state = self.lock();
+        let seen = state.seen.values().copied().chain(state.seen_everywhere);
         let strongest = state
             .memo
             .values()
             .copied()
+            .chain(seen.map(Freshness::AtLeast))
             .fold(state.floor, Freshness::max);
         ConsistencyToken::new(strongest)
     }
@@ -215,6 +224,41 @@ impl Scope {
     /// What the tokens given to this scope require.
     pub(crate) fn floor(&self) -> Freshness {
         self.lock().floor
+    }
+
+    /// Causal mode: the newest position the scope is known to have read at, as far as reads
+    /// of `memo_key` must respect it.
+    pub(crate) fn seen(&self, memo_key: Option<&str>) -> Option<WalPosition> {
+        let state = self.lock();
+        let own = state.seen.get(&memo_key.map(str::to_owned)).copied();
+        own.max(state.seen_everywhere)
+    }
+
+    /// Causal mode: raises what the scope is known to have read at, for `memo_key`.
+    pub(crate) fn see(&self, memo_key: Option<&str>, position: WalPosition) {
+        let mut state = self.lock();
+        let slot = state.seen.entry(memo_key.map(str::to_owned)).or_default();
+        *slot = (*slot).max(position);
+    }
+
+    /// Causal mode: raises what the scope is known to have read at, for every memo key.
+    pub(crate) fn see_everywhere(&self, position: WalPosition) {
+        let mut state = self.lock();
+        state.seen_everywhere = state.seen_everywhere.max(Some(position));
+    }
+
+    /// Every position the scope is known to have read at, by memo key (what a forced read saw
+    /// under `None`), for carrying to a new key.
+    pub(crate) fn seen_entries(&self) -> Vec<(Option<String>, WalPosition)> {
+        let state = self.lock();
+        let mut entries: Vec<_> = state.seen.iter().map(|(k, p)| (k.clone(), *p)).collect();
+        if let Some(everywhere) = state.seen_everywhere {
+            match entries.iter_mut().find(|(k, _)| k.is_none()) {
+                Some((_, position)) => *position = (*position).max(everywhere),
+                None => entries.push((None, everywhere)),
+            }
+        }
+        entries
     }
 
     /// Whether this request may store a read position for `memo_key`: true the first time only.
@@ -353,6 +397,36 @@ mod tests {
         let keyed = Scope::new("k").with_token(&ConsistencyToken::leader());
         assert_eq!(keyed.token(), ConsistencyToken::leader());
         assert_eq!(Scope::anonymous().token().freshness(), Freshness::Any);
+    }
+
+    #[test]
+    fn what_was_seen_only_rises_is_kept_apart_and_shows_in_the_token() {
+        let s = Scope::new("a");
+        assert_eq!(s.seen(None), None);
+        s.see(Some("t"), WalPosition(5));
+        s.see(Some("t"), WalPosition(3));
+        assert_eq!(s.seen(Some("t")), Some(WalPosition(5)));
+        assert_eq!(s.seen(None), None);
+        assert_eq!(s.memo(Some("t")), None, "seeing is not a lookup");
+        s.see_everywhere(WalPosition(4));
+        assert_eq!(s.seen(None), Some(WalPosition(4)));
+        assert_eq!(s.seen(Some("t")), Some(WalPosition(5)));
+        s.see_everywhere(WalPosition(2));
+        assert_eq!(s.seen(Some("u")), Some(WalPosition(4)));
+        let mut entries = s.seen_entries();
+        entries.sort();
+        assert_eq!(
+            entries,
+            vec![
+                (None, WalPosition(4)),
+                (Some("t".to_owned()), WalPosition(5))
+            ]
+        );
+        assert_eq!(s.token().freshness(), Freshness::AtLeast(WalPosition(5)));
+        assert!(
+            s.pins().is_empty(),
+            "what was read is not carried as a write"
+        );
     }
 
     #[test]
