@@ -105,7 +105,9 @@ mod bench {
             let (behind, through) = compare(&db, cache).await;
             let (b50, b99) = behind;
             let (t50, t99) = through;
-            println!("| {name} | write-through (like CachingSessionStore) | {t50:.2?} | {t99:.2?} |");
+            println!(
+                "| {name} | write-through (like CachingSessionStore) | {t50:.2?} | {t99:.2?} |"
+            );
             println!("| {name} | write-behind (WriteBehindStore) | {b50:.2?} | {b99:.2?} |");
             println!(
                 "| {name} | **ratio write-through / write-behind** | **{:.0}x** | {:.0}x |",
@@ -132,7 +134,8 @@ mod bench {
             .map(|i| {
                 let mut r = SessionRecord::new(Duration::from_secs(3600));
                 r.data.insert("user".into(), i.into());
-                r.data.insert("cart".into(), serde_json::json!(["book", "pen"]));
+                r.data
+                    .insert("cart".into(), serde_json::json!(["book", "pen"]));
                 r
             })
             .collect();

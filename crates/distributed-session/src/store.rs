@@ -295,7 +295,7 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
             db: self.db,
             settings,
             clock: crate::clock::VersionClock::default(),
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             stale: Mutex::default(),
             cache_down_until: Mutex::default(),
             deleted: Mutex::default(),
@@ -379,9 +379,7 @@ struct Engine<C, D> {
     settings: Settings,
     outbox: Outbox,
     clock: crate::clock::VersionClock,
-    /// Per-stripe lock; the value counts saves and deletes, so that a load can tell whether
-    /// its cache refill would overwrite something newer.
-    stripes: Box<[tokio::sync::Mutex<u64>]>,
+    stripes: Box<[Stripe]>,
     stale: Mutex<StaleCache>,
     /// The cache was unreachable: not asked again until then.
     cache_down_until: Mutex<Option<Instant>>,
@@ -430,6 +428,15 @@ impl RecentDeletes {
     }
 }
 
+/// Orders the saves, deletes and cache refills of the sessions that hash to it.
+#[derive(Default)]
+struct Stripe {
+    lock: tokio::sync::Mutex<()>,
+    /// Counts saves and deletes, so that a load can tell whether its cache refill would
+    /// overwrite something newer.
+    generation: AtomicU64,
+}
+
 /// Sessions whose cache entry may be older than the database, because a cache write or
 /// delete failed: loads skip the cache for them until a repair delete succeeds.
 #[derive(Default)]
@@ -456,8 +463,9 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindStore<C, D> {
     ///
     /// # Errors
     /// - [`SessionError::TooLarge`] / [`SessionError::Codec`]: the data; nothing was written.
-    /// - [`SessionError::Deleted`]: this engine deleted the session and its tombstone is not
-    ///   in the database yet.
+    /// - [`SessionError::Deleted`]: this engine deleted the session within the last 10
+    ///   minutes, or its tombstone is still waiting for the database (a request racing its
+    ///   own logout; other servers' saves are refused by the tombstone in the database).
     /// - [`SessionError::Overloaded`]: the outbox stayed full and writing through failed.
     /// - [`SessionError::ShutDown`]: after [`shutdown`](Self::shutdown).
     pub async fn save(&self, record: &SessionRecord) -> Result<u64, SessionError> {
@@ -593,7 +601,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<C: Cache, D: SessionDatabase> Engine<C, D> {
-    fn stripe(&self, id: &SessionId) -> &tokio::sync::Mutex<u64> {
+    fn stripe(&self, id: &SessionId) -> &Stripe {
         &self.stripes[id.stripe(self.stripes.len())]
     }
 
@@ -749,7 +757,8 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
         }
         let id = record.id;
         let encoded = Encoded::new(record, self.settings.max_session_bytes)?;
-        let mut generation = self.stripe(&id).lock().await;
+        let stripe = self.stripe(&id);
+        let guard = stripe.lock.lock().await;
         if self.outbox.is_deleted(&id) || self.recently_deleted(&id) {
             return Err(SessionError::Deleted);
         }
@@ -764,7 +773,7 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
             }
         };
         let version = self.clock.next();
-        *generation += 1;
+        stripe.generation.fetch_add(1, Ordering::SeqCst);
         let cached = self.cache_set(&id, version, &encoded).await;
         let row = SessionRow {
             id: &id,
@@ -829,7 +838,7 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
                 }
             }
         }
-        drop(generation);
+        drop(guard);
         metrics::gauge!("distributed_session_outbox_pending").set(self.outbox.len() as f64);
         Ok(version)
     }
@@ -868,7 +877,8 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
                     None => Ok(None),
                 }
             };
-        let generation = *self.stripe(id).lock().await;
+        let stripe = self.stripe(id);
+        let generation = stripe.generation.load(Ordering::SeqCst);
         let mut cache_up = true;
         if self.cache_trusted(id) {
             let key = self.cache_key(id);
@@ -915,10 +925,13 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
             return Ok(None);
         };
         if cache_up {
-            let current = self.stripe(id).lock().await;
-            // Refill only if no save or delete of this stripe ran meanwhile: the value read
-            // may already be older than what they wrote.
-            if *current == generation && self.outbox.peek(id).is_none() {
+            // Refill only if no save or delete of this stripe runs or ran meanwhile: the
+            // value read may be older than what they wrote. (A busy stripe skips the refill.)
+            let quiet = stripe.lock.try_lock();
+            if quiet.is_ok()
+                && stripe.generation.load(Ordering::SeqCst) == generation
+                && self.outbox.peek(id).is_none()
+            {
                 let value = cache_value(stored.version, &encoded);
                 let ttl = self.cache_ttl(encoded.expires_at);
                 let key = self.cache_key(id);
@@ -937,8 +950,9 @@ impl<C: Cache, D: SessionDatabase> Engine<C, D> {
     }
 
     async fn delete(&self, id: &SessionId) -> Result<(), SessionError> {
-        let mut generation = self.stripe(id).lock().await;
-        *generation += 1;
+        let stripe = self.stripe(id);
+        let _guard = stripe.lock.lock().await;
+        stripe.generation.fetch_add(1, Ordering::SeqCst);
         let version = self.clock.next();
         lock(&self.deleted).insert(*id, Instant::now(), self.settings.delete_memory);
         // Cancel first: nothing of this session is taken by the writer from here on. A write
