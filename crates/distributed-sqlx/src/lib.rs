@@ -61,6 +61,28 @@
 //!   followers. At start-up an unreachable leader is the same error; an unreachable follower is
 //!   logged (its URL without password) and starts marked down.
 //!
+//! # Causal mode
+//!
+//! With [`track_commit_position`](Builder::track_commit_position) the pool reports each
+//! write's WAL position to the router. A [`CausalRouter`](distributed_core::CausalRouter) then
+//! sends the scope's later reads to any follower that has replayed that position, usually long
+//! before a time window would end; [`PgProbe`] lets it ask a follower on demand when the
+//! monitor's last measurement is too old to tell:
+//!
+//! ```no_run
+//! use distributed_core::{CausalRouter, CausalTracker, Config, MemoryCache};
+//! use distributed_sqlx::DistributedPool;
+//!
+//! # async fn run(config: Config) -> Result<(), distributed_sqlx::Error> {
+//! let tracker = CausalTracker::new(MemoryCache::new(), config.lag_window());
+//! let pool = DistributedPool::builder(config.clone(), CausalRouter::new(config, tracker))
+//!     .track_commit_position(true)
+//!     .connect()
+//!     .await?;
+//! pool.router().attach_probe(pool.probe());
+//! # Ok(()) }
+//! ```
+//!
 //! Each statement the pool runs is inside a `tracing` span named `distributed_sqlx` with the
 //! target kind, the server's configured name and the routing reason; metrics come from the
 //! router (see `distributed_core`). Neither ever carries a scope key or a password.
@@ -74,6 +96,7 @@ mod transaction;
 pub use distributed_core;
 pub use error::Error;
 pub use pool::{Builder, DistributedPool, Table};
+pub use probe::PgProbe;
 pub use read::ReadConnection;
 pub use sqlx;
 pub use transaction::Transaction;

@@ -51,6 +51,8 @@ struct Inner<R> {
     leader_reads: PgPool,
     followers: Vec<PgPool>,
     marker: Marker,
+    /// What the monitor asks the servers; also handed out for causal mode's on-demand check.
+    probe: Arc<PgProbe>,
     /// Stops the monitor when the last clone of the pool is dropped.
     _monitor: Option<MonitorHandle>,
 }
@@ -217,16 +219,15 @@ impl<R: Router + 'static> Builder<R> {
             }
         }
 
-        let monitor = self.monitor.then(|| {
-            let timeout = config.probe_interval().max(Duration::from_secs(1));
-            let probe_pool = |options: PgConnectOptions| pool(options, timeout, 1);
-            let probe = PgProbe {
-                leader: probe_pool(leader_options),
-                followers: follower_options.into_iter().map(probe_pool).collect(),
-                timeout,
-            };
-            spawn_monitor(router.clone(), Arc::new(probe), config.probe_interval())
-        });
+        // Its pools connect only when asked: without the monitor, perhaps never.
+        let probe = Arc::new(PgProbe::with_options(
+            &config,
+            leader_options,
+            follower_options,
+        ));
+        let monitor = self
+            .monitor
+            .then(|| spawn_monitor(router.clone(), probe.clone(), config.probe_interval()));
         let marker = Marker {
             router: router.clone(),
             leader: leader.clone(),
@@ -240,13 +241,14 @@ impl<R: Router + 'static> Builder<R> {
                 leader_reads,
                 followers,
                 marker,
+                probe,
                 _monitor: monitor,
             }),
         })
     }
 }
 
-fn parse(node: &Node) -> Result<PgConnectOptions, Error> {
+pub(crate) fn parse(node: &Node) -> Result<PgConnectOptions, Error> {
     PgConnectOptions::from_str(node.url()).map_err(|source| Error::InvalidUrl {
         node: node.name().to_owned(),
         source,
@@ -338,6 +340,27 @@ impl<R: Router + 'static> DistributedPool<R> {
     /// The followers' health and lag.
     pub fn followers(&self) -> &FollowerSet {
         self.inner.router.followers()
+    }
+
+    /// The probe the health and lag monitor uses (built even when the monitor is off; it
+    /// connects only when asked). Hand it to a causal router's on-demand check, which the
+    /// router could not be given when it was built, since the pool is built from it:
+    ///
+    /// ```no_run
+    /// use distributed_core::{CausalRouter, CausalTracker, Config, MemoryCache};
+    /// use distributed_sqlx::DistributedPool;
+    ///
+    /// # async fn run(config: Config) -> Result<(), distributed_sqlx::Error> {
+    /// let tracker = CausalTracker::new(MemoryCache::new(), config.lag_window());
+    /// let pool = DistributedPool::builder(config.clone(), CausalRouter::new(config, tracker))
+    ///     .track_commit_position(true)
+    ///     .connect()
+    ///     .await?;
+    /// pool.router().attach_probe(pool.probe());
+    /// # Ok(()) }
+    /// ```
+    pub fn probe(&self) -> Arc<PgProbe> {
+        self.inner.probe.clone()
     }
 
     /// The leader's pool, unrouted: for migrations and administration. Writes sent here do

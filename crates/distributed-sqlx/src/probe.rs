@@ -1,17 +1,81 @@
-//! The two queries the health and lag monitor runs.
+//! The two queries of the health and lag monitor and of causal mode's on-demand check.
 
+use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distributed_core::{BoxError, NodeProbe, WalPosition};
+use distributed_core::{BoxError, Config, NodeProbe, WalPosition};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-/// Probes the servers through pools of their own (one connection each), so that a busy read
-/// pool never makes a healthy follower look dead.
-pub(crate) struct PgProbe {
-    pub(crate) leader: PgPool,
-    pub(crate) followers: Vec<PgPool>,
-    pub(crate) timeout: Duration,
+use crate::Error;
+use crate::pool::parse;
+
+/// Asks the servers where they are in the leader's log: `pg_current_wal_lsn()` on the leader,
+/// `pg_last_wal_replay_lsn()` on a follower. The health and lag monitor runs these
+/// ([`spawn_monitor`](distributed_core::spawn_monitor)); so does causal mode's on-demand check
+/// ([`CausalRouter::attach_probe`](distributed_core::CausalRouter::attach_probe)).
+///
+/// Each server is asked through a pool of its own (one connection, opened when first needed),
+/// so that a busy read pool never makes a healthy follower look dead. A
+/// [`DistributedPool`](crate::DistributedPool) hands out the probe its monitor uses with
+/// [`probe`](crate::DistributedPool::probe); [`PgProbe::new`] builds another.
+pub struct PgProbe {
+    leader: PgPool,
+    followers: Vec<PgPool>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for PgProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // sqlx's connect options would show passwords.
+        f.debug_struct("PgProbe")
+            .field("followers", &self.followers.len())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgProbe {
+    /// A probe of the servers of `config`; each query is bounded by the configured probe
+    /// interval, or 1 s if that is shorter. Connects only when asked.
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] when a server's URL does not parse.
+    pub fn new(config: &Config) -> Result<Self, Error> {
+        let followers = config
+            .followers()
+            .iter()
+            .map(parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::with_options(
+            config,
+            parse(config.leader())?,
+            followers,
+        ))
+    }
+
+    /// A probe from connect options already parsed out of `config`.
+    pub(crate) fn with_options(
+        config: &Config,
+        leader: PgConnectOptions,
+        followers: Vec<PgConnectOptions>,
+    ) -> Self {
+        let timeout = config.probe_interval().max(Duration::from_secs(1));
+        let pool = |options: PgConnectOptions| {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(timeout)
+                .connect_lazy_with(options)
+        };
+        Self {
+            leader: pool(leader),
+            followers: followers.into_iter().map(pool).collect(),
+            timeout,
+        }
+    }
 }
 
 #[async_trait]
@@ -35,7 +99,7 @@ impl NodeProbe for PgProbe {
 }
 
 /// Runs `sql`, a query answering one `pg_lsn` as text, within `timeout`.
-pub(crate) async fn position(
+async fn position(
     pool: &PgPool,
     sql: &'static str,
     timeout: Duration,
@@ -47,4 +111,30 @@ pub(crate) async fn position(
     // pg_last_wal_replay_lsn() is NULL on a server that is not in recovery.
     let text = answer.ok_or("the server reported no WAL position (is it a follower?)")?;
     Ok(text.parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_probe_is_built_without_connecting_and_never_shows_a_password() {
+        let config = Config::builder()
+            .leader("leader", "postgres://app:hunter2@127.0.0.1:1/app")
+            .follower("f", "postgres://app:hunter2@127.0.0.1:2/app")
+            .build()
+            .unwrap();
+        let probe = PgProbe::new(&config).unwrap();
+        let shown = format!("{probe:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(probe.follower_position(1).await.is_err(), "no follower 1");
+        let bad = Config::builder()
+            .leader("leader", "postgres://h:notaport/db")
+            .build()
+            .unwrap();
+        assert!(matches!(
+            PgProbe::new(&bad),
+            Err(Error::InvalidUrl { node, .. }) if node == "leader"
+        ));
+    }
 }
