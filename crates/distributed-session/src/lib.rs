@@ -58,7 +58,7 @@
 //! # In a tower / axum stack
 //!
 //! With the feature `tower-sessions`, the store is a `tower_sessions::SessionStore` (0.15), so
-//! it goes under `SessionManagerLayer`. With the feature `tower`, [`SessionScopeLayer`] keys each
+//! it goes under `SessionManagerLayer`. With the feature `tower`, `SessionScopeLayer` keys each
 //! request's routing scope by its session cookie, and the store (given the router through
 //! [`carry_pins`](WriteBehindBuilder::carry_pins)) moves the request's read-your-writes pin to
 //! every new session id: a visitor's first request and a login keep reading their own writes.
@@ -95,7 +95,7 @@
 //! - `sqlx`: [`SessionDatabase`] for [`PgSessions`]`<sqlx::PgPool>`.
 //! - `bb8`: [`SessionDatabase`] for [`PgSessions`]`<bb8::Pool<bb8_postgres::PostgresConnectionManager<NoTls>>>`.
 //! - `tower-sessions`: `tower_sessions_core::SessionStore` and `ExpiredDeletion` for the store.
-//! - `tower`: [`SessionScopeLayer`].
+//! - `tower`: `SessionScopeLayer` (and `session_cookie`).
 //!
 //! # What is never logged
 //!

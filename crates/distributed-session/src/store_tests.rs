@@ -54,6 +54,8 @@ impl Cache for FlakyCache {
 struct TestDb {
     inner: MemoryDatabase,
     gate: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
+    /// Signalled when a write stops at the gate.
+    held: Arc<tokio::sync::Notify>,
     delay: Arc<Mutex<Duration>>,
     poison: Arc<AtomicBool>,
 }
@@ -81,6 +83,7 @@ impl SessionDatabase for TestDb {
     async fn write(&self, rows: &[SessionRow<'_>]) -> Result<u64, SessionError> {
         let gate = lock(&self.gate).take();
         if let Some(gate) = gate {
+            self.held.notify_one();
             let _ = gate.await;
         }
         let delay = *lock(&self.delay);
@@ -332,7 +335,7 @@ async fn a_full_outbox_waits_for_room() {
         .backpressure_timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    db.set_delay(Duration::from_millis(30));
+    db.set_delay(Duration::from_millis(200));
     let (a, b) = (session("a"), session("b"));
     store.save(&a).await.unwrap();
     store.save(&b).await.unwrap();
@@ -354,6 +357,7 @@ async fn a_full_outbox_writes_through_after_the_timeout() {
     let release = db.hold_next_write();
     let (a, b) = (session("a"), session("b"));
     store.save(&a).await.unwrap();
+    db.held.notified().await;
     store.save(&b).await.unwrap();
     assert_eq!(store.stats().written_through, 1);
     assert_eq!(db_tag(&db, &b.id).as_deref(), Some("b"), "already written");
@@ -470,8 +474,8 @@ async fn delete_beats_a_write_in_flight_and_a_replayed_cookie_finds_nothing() {
     let record = session("logged in");
     let release = db.hold_next_write();
     store.save(&record).await.unwrap();
-    // Let the writer take it: it is now in flight, held at the gate.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The writer took it: it is now in flight, held at the gate.
+    db.held.notified().await;
     store.delete(&record.id).await.unwrap();
     // The in-flight write lands after the tombstone and loses.
     drop(release);
@@ -499,10 +503,10 @@ async fn delete_cancels_a_pending_write() {
     db.inner.set_down(true);
     let record = session("pending");
     store.save(&record).await.unwrap();
-    db.inner.set_down(false);
     let release = db.hold_next_write();
-    // The retry may be waiting at the gate; delete goes around it.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    db.inner.set_down(false);
+    // The writer's retry is held at the gate; delete goes around it.
+    db.held.notified().await;
     store.delete(&record.id).await.unwrap();
     drop(release);
     store.flush().await.unwrap();
