@@ -11,8 +11,22 @@ use tower_service::Service;
 
 use crate::{Scope, ScopeKey, with_scope};
 
-/// Opens a [`Scope`] for every request, keyed by what `extract` finds in it (a session
-/// cookie, a user id header, ...). A request where `extract` finds nothing gets an anonymous
+/// Finds the scope key of a request: a session cookie, a user id header, a tenant. Closures
+/// `Fn(&Request<B>) -> Option<ScopeKey>` are extractors; so is any type implementing this, for
+/// a layer whose type can be named (`distributed-session`'s session cookie, say).
+pub trait ExtractScope<B> {
+    /// The request's scope key, or `None` for an anonymous scope.
+    fn extract(&self, request: &Request<B>) -> Option<ScopeKey>;
+}
+
+impl<B, F: Fn(&Request<B>) -> Option<ScopeKey>> ExtractScope<B> for F {
+    fn extract(&self, request: &Request<B>) -> Option<ScopeKey> {
+        self(request)
+    }
+}
+
+/// Opens a [`Scope`] for every request, keyed by what its [`ExtractScope`] finds in it (a
+/// session cookie, a user id header, ...). A request where `extract` finds nothing gets an anonymous
 /// scope: its writes still pin the rest of the request, and no two visitors share a pin.
 ///
 /// The scope is also put in the request's extensions, for layers that give it a key later
@@ -98,7 +112,7 @@ impl<S: std::fmt::Debug, F> std::fmt::Debug for ScopeService<S, F> {
 impl<S, F, B> Service<Request<B>> for ScopeService<S, F>
 where
     S: Service<Request<B>>,
-    F: Fn(&Request<B>) -> Option<ScopeKey>,
+    F: ExtractScope<B>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -109,7 +123,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let scope = Scope::with_key((self.extract)(&req));
+        let scope = Scope::with_key(self.extract.extract(&req));
         req.extensions_mut().insert(scope.clone());
         with_scope(scope, self.inner.call(req))
     }

@@ -83,7 +83,7 @@ pub use decision::{Decision, Reason, Target};
 pub use failover::{READ_ONLY_SQLSTATE, is_unavailable_sqlstate, read_with_failover};
 pub use health::{FollowerPicker, FollowerSet, RandomPicker, RoundRobinPicker};
 #[cfg(feature = "tower")]
-pub use layer::{ScopeLayer, ScopeService};
+pub use layer::{ExtractScope, ScopeLayer, ScopeService};
 pub use monitor::{MonitorHandle, NodeProbe, spawn_monitor};
 pub use recently::{CachedRouter, RecentlyUpdated, SessionCachedRouter, Subject};
 pub use router::{DistributedRouter, Router};

@@ -1,18 +1,15 @@
 //! A tower layer that keys each request's routing scope by its session cookie.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use distributed_core::{Scope, ScopeKey, with_scope};
+use distributed_core::{ExtractScope, ScopeKey, ScopeLayer, ScopeService};
 use http::Request;
 use http::header::COOKIE;
-use tokio::task::futures::TaskLocalFuture;
 use tower_layer::Layer;
-use tower_service::Service;
 
 use crate::SessionId;
 
-/// Runs every request inside a [`Scope`] keyed by its session id, read from the session
+/// Runs every request inside a [`Scope`](distributed_core::Scope) keyed by its session id, read from the session
 /// cookie, so the router pins reads per session with no code in the application: the
 /// original package's `SessionCachedRouter` behaviour.
 ///
@@ -44,7 +41,7 @@ use crate::SessionId;
 /// ```
 #[derive(Debug, Clone)]
 pub struct SessionScopeLayer {
-    cookie: Arc<str>,
+    inner: ScopeLayer<SessionCookie>,
 }
 
 impl SessionScopeLayer {
@@ -59,7 +56,7 @@ impl SessionScopeLayer {
     /// Reads the cookie `name` (as given to `SessionManagerLayer::with_name`).
     pub fn with_cookie(name: &str) -> Self {
         Self {
-            cookie: name.into(),
+            inner: ScopeLayer::new(SessionCookie { name: name.into() }),
         }
     }
 }
@@ -74,37 +71,22 @@ impl<S> Layer<S> for SessionScopeLayer {
     type Service = SessionScopeService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        SessionScopeService {
-            inner,
-            cookie: self.cookie.clone(),
-        }
+        self.inner.layer(inner)
     }
 }
 
-/// The service made by [`SessionScopeLayer`].
+/// The service made by [`SessionScopeLayer`]: core's scope service, keyed by the cookie.
+pub type SessionScopeService<S> = ScopeService<S, SessionCookie>;
+
+/// The [`ExtractScope`] of [`SessionScopeLayer`]: the session id in a named cookie.
 #[derive(Debug, Clone)]
-pub struct SessionScopeService<S> {
-    inner: S,
-    cookie: Arc<str>,
+pub struct SessionCookie {
+    name: Arc<str>,
 }
 
-impl<S, B> Service<Request<B>> for SessionScopeService<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = TaskLocalFuture<Scope, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let key = session_cookie(&req, &self.cookie).map(|id| ScopeKey::from(id.to_string()));
-        let scope = Scope::with_key(key);
-        req.extensions_mut().insert(scope.clone());
-        with_scope(scope, self.inner.call(req))
+impl<B> ExtractScope<B> for SessionCookie {
+    fn extract(&self, request: &Request<B>) -> Option<ScopeKey> {
+        session_cookie(request, &self.name).map(|id| ScopeKey::from(id.to_string()))
     }
 }
 

@@ -126,7 +126,7 @@ pub use database::{MemoryDatabase, SessionDatabase, SessionRow, StoredSession};
 pub use error::SessionError;
 pub use id::SessionId;
 #[cfg(feature = "tower")]
-pub use layer::{SessionScopeLayer, SessionScopeService, session_cookie};
+pub use layer::{SessionCookie, SessionScopeLayer, SessionScopeService, session_cookie};
 pub use pin::PinCarrier;
 pub use postgres::{MIGRATION, PgSessions};
 pub use record::{SessionData, SessionRecord};
