@@ -691,7 +691,12 @@ impl<R: Router + 'static> DistributedPool<R> {
                     return Err(error);
                 }
             };
-            match tx.commit().await {
+            let committed = tx.commit().await;
+            // Back to the pool before marking: reading the commit position takes a leader
+            // connection too, and writers each holding one while waiting for a second would
+            // starve the pool.
+            drop(conn);
+            match committed {
                 Ok(()) => {
                     marker.mark(scope.as_ref(), table, true).await;
                     Ok(value)
