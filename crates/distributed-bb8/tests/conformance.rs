@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use distributed_bb8::{DistributedPool, Error, ReadConnection};
-use distributed_conformance::{Adapter, Observed, Settings, TestRouter};
-use distributed_core::{Config, Decision, FollowerSet};
+use distributed_conformance::{Adapter, Mode, Observed, Settings, TestRouter};
+use distributed_core::{Config, Decision, FollowerSet, NodeProbe};
 
 struct Bb8(DistributedPool<Arc<TestRouter>>);
 
@@ -49,6 +49,10 @@ impl Adapter for Bb8 {
 
     fn followers(&self) -> &FollowerSet {
         self.0.followers()
+    }
+
+    fn probe(&self) -> Arc<dyn NodeProbe> {
+        self.0.probe()
     }
 
     async fn create_table(&self, table: &str) -> Result<(), Error> {
@@ -130,7 +134,27 @@ impl Adapter for Bb8 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes() {
-    distributed_conformance::read_your_writes::<Bb8>().await;
+    distributed_conformance::read_your_writes::<Bb8>(Mode::Time).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_in_causal_mode() {
+    distributed_conformance::read_your_writes::<Bb8>(Mode::Causal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_return_to_caught_up_followers() {
+    distributed_conformance::reads_return_to_caught_up_followers::<Bb8>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_are_checked_on_demand() {
+    distributed_conformance::followers_are_checked_on_demand::<Bb8>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_a_job_payload_reads_the_write() {
+    distributed_conformance::a_token_in_a_job_payload_reads_the_write::<Bb8>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,8 +178,8 @@ async fn cache_down_at_mark_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skips_lagging_and_survives_crashes() {
-    distributed_conformance::skips_lagging_and_survives_crashes::<Bb8>().await;
+async fn monotonic_reads_lagging_and_crashes() {
+    distributed_conformance::monotonic_reads_lagging_and_crashes::<Bb8>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

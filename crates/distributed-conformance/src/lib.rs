@@ -5,15 +5,21 @@
 //! `tests/conformance.rs` and calls each test body of this crate from a `#[tokio::test]`:
 //!
 //! ```no_run
-//! # use distributed_conformance::Adapter;
+//! # use distributed_conformance::{Adapter, Mode};
 //! # async fn run<MyAdapter: Adapter>() {
-//! distributed_conformance::read_your_writes::<MyAdapter>().await;
+//! distributed_conformance::read_your_writes::<MyAdapter>(Mode::Time).await;
+//! distributed_conformance::read_your_writes::<MyAdapter>(Mode::Causal).await;
 //! # }
 //! ```
 //!
+//! The router under test is a [`TestRouter`] of a [`Mode`]: time mode (a write pins the scope
+//! to the leader for the lag window) or causal mode (the pool reports each write's WAL
+//! position, and the scope's reads go to any follower that has replayed it). Most bodies test
+//! one mode; [`read_your_writes`] runs in either.
+//!
 //! The bodies get their servers from `distributed-testkit`: the shared topology for the tests
-//! that leave it as they found it (each with tables and scope keys of its own), a private
-//! topology for the one that crashes servers. Without a rig they skip, unless
+//! that leave it as they found it (each with tables and scope keys of its own), one private
+//! topology for the one that pauses and crashes servers. Without a rig they skip, unless
 //! `DISTRIBUTED_REQUIRE_RIG` is set.
 //!
 //! A failed check panics, as a test does: this crate exists only to be called from tests.
@@ -21,6 +27,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cache;
+mod causal;
 mod logs;
 mod router;
 mod suite;
@@ -29,14 +36,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distributed_core::{Config, Decision, FollowerSet};
+use distributed_core::{Config, Decision, FollowerSet, NodeProbe};
 
 pub use cache::SwitchableCache;
-pub use router::TestRouter;
+pub use causal::{
+    a_token_in_a_job_payload_reads_the_write, followers_are_checked_on_demand,
+    reads_return_to_caught_up_followers,
+};
+pub use router::{Mode, TestRouter};
 pub use suite::{
-    cache_down_at_mark_time, read_your_writes, reads_return_to_followers_after_the_window,
-    reports_commit_positions, skips_lagging_and_survives_crashes, starts_with_unreachable_servers,
-    write_through_a_read_handle_fails,
+    cache_down_at_mark_time, monotonic_reads_lagging_and_crashes, read_your_writes,
+    reads_return_to_followers_after_the_window, reports_commit_positions,
+    starts_with_unreachable_servers, write_through_a_read_handle_fails,
 };
 
 /// How a test wants the pool set up.
@@ -49,7 +60,8 @@ pub struct Settings {
     pub leader_timeout: Duration,
     /// How long a read waits for a follower before trying the next server.
     pub follower_timeout: Duration,
-    /// Whether writes report the leader's WAL position to the router.
+    /// Whether writes report the leader's WAL position to the router (always, in causal
+    /// mode).
     pub track_commit_position: bool,
 }
 
@@ -90,6 +102,10 @@ pub trait Adapter: Sized + Send + Sync + 'static {
 
     /// The followers' health, as the pool's router sees it.
     fn followers(&self) -> &FollowerSet;
+
+    /// The probe the pool's monitor uses (`DistributedPool::probe`), for causal mode's
+    /// on-demand check.
+    fn probe(&self) -> Arc<dyn NodeProbe>;
 
     /// Creates `table` on the leader (unrouted, unmarked).
     async fn create_table(&self, table: &str) -> Result<(), Self::Error>;

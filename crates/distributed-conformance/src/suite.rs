@@ -6,42 +6,84 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use distributed_core::{Config, Decision, Reason, Scope, Target, with_scope};
+use distributed_core::{
+    Config, ConfigBuilder, Decision, FollowerSet, Reason, Scope, Target, WalPosition, with_scope,
+};
 use distributed_testkit::{TopologyOptions, private_topology_or_skip, rig_or_skip};
 use futures_util::StreamExt;
 use tokio::time::{Instant, sleep};
 
 use crate::logs::LogCapture;
-use crate::{Adapter, Settings, SwitchableCache, TestRouter};
+use crate::{Adapter, Mode, Settings, SwitchableCache, TestRouter};
 
-/// The window a test's pins live: the followers' apply delay plus a margin, so that once it is
-/// over a follower has the write.
-fn lag_window(apply_delay: Duration) -> Duration {
-    apply_delay + Duration::from_secs(1)
+/// The lag window in causal mode: far longer than any wait of these tests, so that a read a
+/// follower serves a scope after its write was sent there by position, while a time-mode pin
+/// would still hold it on the leader.
+pub(crate) const CAUSAL_LAG_WINDOW: Duration = Duration::from_secs(30);
+
+/// The window a test's pins live: in time mode, the followers' apply delay plus a margin, so
+/// that once it is over a follower has the write.
+pub(crate) fn lag_window(apply_delay: Duration, mode: Mode) -> Duration {
+    match mode {
+        Mode::Time => apply_delay + Duration::from_secs(1),
+        Mode::Causal => CAUSAL_LAG_WINDOW,
+    }
 }
 
-fn config(leader: &str, followers: &[String], apply_delay: Duration) -> Config {
+/// How far behind a follower may fall before it is skipped. Probes starved of CPU on a loaded
+/// test machine over-estimate lag; a follower is only skipped for lagging well past the real
+/// apply delay.
+fn max_lag(apply_delay: Duration) -> Duration {
+    apply_delay + Duration::from_secs(2)
+}
+
+/// The tests' configuration, for a test to adjust before building.
+pub(crate) fn builder(
+    leader: &str,
+    followers: &[String],
+    apply_delay: Duration,
+    mode: Mode,
+) -> ConfigBuilder {
     let mut builder = Config::builder()
         .leader("leader", leader)
-        .lag_window(lag_window(apply_delay))
-        // Probes starved of CPU on a loaded test machine over-estimate lag; a follower is only
-        // skipped for lagging well past the real apply delay.
-        .max_follower_lag(lag_window(apply_delay) + Duration::from_secs(1))
+        .lag_window(lag_window(apply_delay, mode))
+        .max_follower_lag(max_lag(apply_delay))
         .probe_interval(Duration::from_millis(200))
         .probe_backoff_max(Duration::from_secs(1))
         .readmit_ramp(Duration::from_secs(1));
     for (index, url) in followers.iter().enumerate() {
         builder = builder.follower(format!("follower-{index}"), url.as_str());
     }
-    builder.build().expect("a valid test configuration")
+    builder
 }
 
-fn router(config: &Config) -> (Arc<TestRouter>, Arc<SwitchableCache>) {
+fn config(leader: &str, followers: &[String], apply_delay: Duration, mode: Mode) -> Config {
+    builder(leader, followers, apply_delay, mode)
+        .build()
+        .expect("a valid test configuration")
+}
+
+fn router(config: &Config, mode: Mode) -> (Arc<TestRouter>, Arc<SwitchableCache>) {
     let cache = Arc::new(SwitchableCache::new());
-    (
-        Arc::new(TestRouter::new(config.clone(), cache.clone())),
-        cache,
-    )
+    let router = TestRouter::for_mode(config.clone(), cache.clone(), mode);
+    (Arc::new(router), cache)
+}
+
+/// A pool over `config` routed by `router`; positions are reported whenever the router's mode
+/// needs them.
+pub(crate) async fn connect_to<A: Adapter>(
+    config: Config,
+    router: Arc<TestRouter>,
+    settings: Settings,
+) -> A {
+    let settings = Settings {
+        track_commit_position: settings.track_commit_position || router.mode().tracks_positions(),
+        ..settings
+    };
+    match A::connect(config, router, settings).await {
+        Ok(pool) => pool,
+        Err(e) => panic!("the pool did not start: {e:?}"),
+    }
 }
 
 async fn connect<A: Adapter>(
@@ -51,26 +93,25 @@ async fn connect<A: Adapter>(
     settings: Settings,
 ) -> (A, Arc<SwitchableCache>) {
     let (pool, cache, _router) =
-        connect_with_router(leader, followers, apply_delay, settings).await;
+        connect_with_router(leader, followers, apply_delay, Mode::Time, settings).await;
     (pool, cache)
 }
 
-async fn connect_with_router<A: Adapter>(
+pub(crate) async fn connect_with_router<A: Adapter>(
     leader: &str,
     followers: &[String],
     apply_delay: Duration,
+    mode: Mode,
     settings: Settings,
 ) -> (A, Arc<SwitchableCache>, Arc<TestRouter>) {
-    let config = config(leader, followers, apply_delay);
-    let (router, cache) = router(&config);
-    match A::connect(config, router.clone(), settings).await {
-        Ok(pool) => (pool, cache, router),
-        Err(e) => panic!("the pool did not start: {e:?}"),
-    }
+    let config = config(leader, followers, apply_delay, mode);
+    let (router, cache) = router(&config, mode);
+    let pool = connect_to(config, router.clone(), settings).await;
+    (pool, cache, router)
 }
 
 /// A table (and scope-key prefix) no other test, binary or run uses.
-fn unique(test: &str) -> String {
+pub(crate) fn unique(test: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -82,13 +123,29 @@ fn unique(test: &str) -> String {
     )
 }
 
-fn scope(table: &str, who: &str) -> Scope {
+pub(crate) fn scope(table: &str, who: &str) -> Scope {
     Scope::new(format!("{table}:{who}"))
 }
 
 /// Waits until the followers have replayed what the leader did before the call.
-async fn settle(apply_delay: Duration) {
+pub(crate) async fn settle(apply_delay: Duration) {
     sleep(apply_delay + Duration::from_millis(800)).await;
+}
+
+/// Waits (up to `within`) until the monitor has seen `followers` (indices) replay `position`;
+/// whether it did.
+pub(crate) async fn monitor_sees_replayed(
+    set: &FollowerSet,
+    followers: &[usize],
+    position: WalPosition,
+    within: Duration,
+) -> bool {
+    eventually(within, || async {
+        followers
+            .iter()
+            .all(|&i| set.replayed(i).is_some_and(|p| p >= position))
+    })
+    .await
 }
 
 /// A port on which nothing listens.
@@ -97,7 +154,7 @@ fn dead_port() -> u16 {
     listener.local_addr().expect("its address").port()
 }
 
-async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+pub(crate) async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -107,30 +164,35 @@ where
         if check().await {
             return true;
         }
-        sleep(Duration::from_millis(100)).await;
+        sleep(Duration::from_millis(50)).await;
     }
     false
 }
 
-fn unwrap<T, E: std::fmt::Debug>(what: &str, result: Result<T, E>) -> T {
+pub(crate) fn unwrap<T, E: std::fmt::Debug>(what: &str, result: Result<T, E>) -> T {
     match result {
         Ok(value) => value,
         Err(e) => panic!("{what}: {e:?}"),
     }
 }
 
-/// 1. Read-your-writes: 200 scopes each write a row and read it back at once: 0 misses. In the
-///    same run, scopes that did not write read the same rows from followers and miss them, which
-///    proves that the lag is real and the first check could fail.
-pub async fn read_your_writes<A: Adapter>() {
+/// 1. Read-your-writes in `mode`: 200 scopes each write a row and read it back at once: 0
+///    misses. In the same run, scopes that did not write read the same rows from followers and
+///    miss them, which proves that the lag is real and the first check could fail.
+///
+/// A scope that just wrote reads the leader ([`Reason::RecentWrite`]); in causal mode it may
+/// also read a follower already known to have its write ([`Reason::CaughtUpFollower`]), and
+/// every write must have reported its position (or the mode fell back to time-mode pins).
+pub async fn read_your_writes<A: Adapter>(mode: Mode) {
     let Some(rig) = rig_or_skip("read_your_writes") else {
         return;
     };
     let apply_delay = rig.apply_delay();
-    let (pool, _cache) = connect::<A>(
+    let (pool, _cache, router) = connect_with_router::<A>(
         rig.leader_url(),
         rig.follower_urls(),
         apply_delay,
+        mode,
         Settings::default(),
     )
     .await;
@@ -156,10 +218,13 @@ pub async fn read_your_writes<A: Adapter>() {
                     };
                     unwrap("write", written);
                     let seen = unwrap("read back", pool.read(table, id).await);
-                    assert_eq!(
-                        seen.decision,
-                        Decision::leader(Reason::RecentWrite),
-                        "a scope that just wrote must read the leader"
+                    let caught_up = mode == Mode::Causal
+                        && matches!(seen.decision.target, Target::Follower(_))
+                        && seen.decision.reason == Reason::CaughtUpFollower;
+                    assert!(
+                        seen.decision == Decision::leader(Reason::RecentWrite) || caught_up,
+                        "a scope that just wrote must read the leader ({mode:?} mode), got {:?}",
+                        seen.decision
                     );
                     if seen.value != Some(id) {
                         writer_misses.fetch_add(1, Ordering::SeqCst);
@@ -194,8 +259,17 @@ pub async fn read_your_writes<A: Adapter>() {
     );
     assert_eq!(
         writer_misses, 0,
-        "scopes missed their own writes ({writer_misses} of 200)"
+        "scopes missed their own writes ({writer_misses} of 200, {mode:?} mode)"
     );
+    if mode.tracks_positions() {
+        let positions = router.recorded_positions();
+        assert!(
+            positions.len() == 200 && positions.iter().all(Option::is_some),
+            "in causal mode every write reports its position: {} of {} did",
+            positions.iter().flatten().count(),
+            positions.len()
+        );
+    }
     assert!(
         follower_reads >= 100,
         "scopes that did not write should read followers; only {follower_reads} of 200 did"
@@ -206,8 +280,8 @@ pub async fn read_your_writes<A: Adapter>() {
          the followers do not lag, so this test proves nothing"
     );
     eprintln!(
-        "read_your_writes: 0 of 200 own-write misses; {misses} of {follower_reads} follower reads \
-         by other scopes missed the fresh row"
+        "read_your_writes ({mode:?} mode): 0 of 200 own-write misses; {misses} of \
+         {follower_reads} follower reads by other scopes missed the fresh row"
     );
 }
 
@@ -236,7 +310,7 @@ pub async fn reads_return_to_followers_after_the_window<A: Adapter>() {
         assert_eq!(seen.value, Some(1));
     })
     .await;
-    sleep(lag_window(apply_delay) + Duration::from_millis(300)).await;
+    sleep(lag_window(apply_delay, Mode::Time) + Duration::from_millis(300)).await;
     // A later request of the same scope.
     with_scope(scope(&table, "writer"), async {
         let seen = unwrap("read after the window", pool.read(&table, 1).await);
@@ -333,8 +407,8 @@ pub async fn starts_with_unreachable_servers<A: Adapter>() {
         leader_timeout: Duration::from_secs(1),
         ..Settings::default()
     };
-    let config = config(&dead, rig.follower_urls(), apply_delay);
-    let (router, _cache) = router(&config);
+    let config = config(&dead, rig.follower_urls(), apply_delay, Mode::Time);
+    let (router, _cache) = router(&config, Mode::Time);
     let started = Instant::now();
     let outcome = A::connect(config, router, settings.clone()).await;
     let took = started.elapsed();
@@ -364,7 +438,8 @@ pub async fn starts_with_unreachable_servers<A: Adapter>() {
 
 /// With commit-position tracking on, every write (plain or transaction) reports the leader's
 /// WAL position to the router, later writes at later positions; with it off (the default),
-/// none does, and no extra query runs.
+/// none does, and no extra query runs. With one leader connection: reading the position must
+/// not wait for a second connection while the write still holds the first.
 pub async fn reports_commit_positions<A: Adapter>() {
     let Some(rig) = rig_or_skip("reports_commit_positions") else {
         return;
@@ -373,11 +448,17 @@ pub async fn reports_commit_positions<A: Adapter>() {
     for track in [false, true] {
         let settings = Settings {
             track_commit_position: track,
+            max_connections: 1,
             ..Settings::default()
         };
-        let (pool, _cache, router) =
-            connect_with_router::<A>(rig.leader_url(), rig.follower_urls(), apply_delay, settings)
-                .await;
+        let (pool, _cache, router) = connect_with_router::<A>(
+            rig.leader_url(),
+            rig.follower_urls(),
+            apply_delay,
+            Mode::Time,
+            settings,
+        )
+        .await;
         let table = unique("positions");
         unwrap("create table", pool.create_table(&table).await);
         with_scope(scope(&table, "writer"), async {
@@ -455,13 +536,21 @@ struct Tally {
     failed: Mutex<Vec<String>>,
 }
 
-/// On a private topology: followers whose replay is paused are skipped as lagging
-/// ([`Reason::FollowersLagging`]) once the monitor measures them past the maximum lag, and used
-/// again once they catch up; then 3. and 4.: a follower crashed (`pg_ctl stop -m immediate`) in
-/// the middle of a read loop costs no read, and is used again once restarted; with the leader
-/// crashed, writes fail with the typed error within the timeout while reads without a pin go on
-/// from the followers, and once it is back writes work again.
-pub async fn skips_lagging_and_survives_crashes<A: Adapter>() {
+/// What needs servers paused or crashed, on one private topology (each costs seconds to
+/// start), in turn:
+///
+/// 1. Monotonic reads (causal mode), with one follower's replay paused while the other keeps
+///    up: a scope that read a fresh row (from the leader, or with a token from the follower
+///    that has it) never reads the paused follower next, and when it reads the leader for it,
+///    says why ([`Reason::MonotonicFloor`]); the same script with monotonic reads off does
+///    read the paused follower and misses the row, so the check could fail.
+/// 2. Followers whose replay is paused are skipped as lagging ([`Reason::FollowersLagging`])
+///    once the monitor measures them past the maximum lag, and used again once they catch up.
+/// 3. A follower crashed (`pg_ctl stop -m immediate`) in the middle of a read loop costs no
+///    read, and is used again once restarted.
+/// 4. With the leader crashed, writes fail with the typed error within the timeout while reads
+///    without a pin go on from the followers, and once it is back writes work again.
+pub async fn monotonic_reads_lagging_and_crashes<A: Adapter>() {
     let apply_delay = Duration::from_millis(500);
     let options = TopologyOptions {
         followers: 2,
@@ -470,11 +559,16 @@ pub async fn skips_lagging_and_survives_crashes<A: Adapter>() {
     };
     let topology = unwrap(
         "private topology",
-        private_topology_or_skip("skips_lagging_and_survives_crashes", options).await,
+        private_topology_or_skip("monotonic_reads_lagging_and_crashes", options).await,
     );
     let Some(topology) = topology else {
         return;
     };
+
+    // 1. Monotonic reads.
+    crate::causal::monotonic_reads_with_a_paused_follower::<A>(&topology, apply_delay).await;
+
+    // 2. Lagging followers; then 3. and 4., crashes, in time mode.
     let settings = Settings::default();
     let (pool, _cache) = connect::<A>(
         topology.leader_url(),
@@ -498,7 +592,7 @@ pub async fn skips_lagging_and_survives_crashes<A: Adapter>() {
             topology.pause_follower_replay(follower).await,
         );
     }
-    let max_lag = lag_window(apply_delay) + Duration::from_secs(1);
+    let max_lag = max_lag(apply_delay);
     let mut next_id = 100;
     let lagging = eventually(max_lag * 4, || {
         next_id += 1;

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use distributed_conformance::{Adapter, Observed, Settings, TestRouter};
-use distributed_core::{Config, Decision, FollowerSet};
+use distributed_conformance::{Adapter, Mode, Observed, Settings, TestRouter};
+use distributed_core::{Config, Decision, FollowerSet, NodeProbe};
 use distributed_sqlx::sqlx::{self, AssertSqlSafe};
 use distributed_sqlx::{DistributedPool, Error};
 
@@ -42,6 +42,10 @@ impl Adapter for Sqlx {
 
     fn followers(&self) -> &FollowerSet {
         self.0.followers()
+    }
+
+    fn probe(&self) -> Arc<dyn NodeProbe> {
+        self.0.probe()
     }
 
     async fn create_table(&self, table: &str) -> Result<(), Error> {
@@ -137,7 +141,27 @@ impl Adapter for Sqlx {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes() {
-    distributed_conformance::read_your_writes::<Sqlx>().await;
+    distributed_conformance::read_your_writes::<Sqlx>(Mode::Time).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_in_causal_mode() {
+    distributed_conformance::read_your_writes::<Sqlx>(Mode::Causal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_return_to_caught_up_followers() {
+    distributed_conformance::reads_return_to_caught_up_followers::<Sqlx>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_are_checked_on_demand() {
+    distributed_conformance::followers_are_checked_on_demand::<Sqlx>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_a_job_payload_reads_the_write() {
+    distributed_conformance::a_token_in_a_job_payload_reads_the_write::<Sqlx>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,8 +185,8 @@ async fn cache_down_at_mark_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skips_lagging_and_survives_crashes() {
-    distributed_conformance::skips_lagging_and_survives_crashes::<Sqlx>().await;
+async fn monotonic_reads_lagging_and_crashes() {
+    distributed_conformance::monotonic_reads_lagging_and_crashes::<Sqlx>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
