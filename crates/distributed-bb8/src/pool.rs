@@ -332,7 +332,8 @@ async fn leader_position(leader: &bb8::Pool<Manager>) -> Result<WalPosition, Err
         .await
         .map_err(|e| Error::on_leader(RunError::User(e)))?;
     let text: String = row.try_get(0).map_err(Error::from)?;
-    Ok(text.parse()?)
+    // The end of what was written, not past a page header no record has reached yet.
+    Ok(text.parse::<WalPosition>()?.written_end())
 }
 
 /// A failed attempt, and where it failed.
@@ -532,7 +533,8 @@ impl<R: Router + 'static> DistributedPool<R> {
         self.transaction_in(None, op).await
     }
 
-    /// The leader's current WAL insert position (`pg_current_wal_insert_lsn()`).
+    /// The leader's current WAL position: the end of what it has written
+    /// (`pg_current_wal_insert_lsn()`, see [`WalPosition::written_end`]).
     ///
     /// # Errors
     /// [`Error::LeaderUnavailable`] when the leader does not answer.

@@ -18,6 +18,43 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct WalPosition(pub u64);
 
+impl WalPosition {
+    /// PostgreSQL's WAL page size (`XLOG_BLCKSZ`), as built by default.
+    const PAGE: u64 = 8192;
+    /// A page's short header: the first thing on every page but a segment's first.
+    const SHORT_HEADER: u64 = 24;
+    /// The default WAL segment size, whose first page has the long header.
+    const SEGMENT: u64 = 16 * 1024 * 1024;
+    /// A segment's first page's long header.
+    const LONG_HEADER: u64 = 40;
+
+    /// The end of the last record written, from the leader's insert position
+    /// (`pg_current_wal_insert_lsn()`).
+    ///
+    /// When the last record ends exactly at a page boundary, the insert position already points
+    /// past the next page's header, which no record has reached yet: a follower replaying
+    /// everything written stops at the boundary, and on an idle leader would never be seen to
+    /// reach the insert position. This steps back over that header, to where replay of the
+    /// last record does end. (For WAL segments other than the default 16 MiB, a segment's
+    /// first page is left as is: safe, only slower to be reached.)
+    ///
+    /// ```
+    /// use distributed_core::WalPosition;
+    /// assert_eq!(WalPosition(3 * 8192 + 24).written_end(), WalPosition(3 * 8192));
+    /// assert_eq!(WalPosition(16 * 1024 * 1024 + 40).written_end(), WalPosition(16 * 1024 * 1024));
+    /// assert_eq!(WalPosition(3 * 8192 + 64).written_end(), WalPosition(3 * 8192 + 64));
+    /// ```
+    pub fn written_end(self) -> Self {
+        if self.0 % Self::SEGMENT == Self::LONG_HEADER {
+            Self(self.0 - Self::LONG_HEADER)
+        } else if self.0 % Self::PAGE == Self::SHORT_HEADER {
+            Self(self.0 - Self::SHORT_HEADER)
+        } else {
+            self
+        }
+    }
+}
+
 impl fmt::Display for WalPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)

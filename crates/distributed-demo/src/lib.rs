@@ -143,13 +143,17 @@ pub async fn run(options: &DemoOptions, live: impl FnMut(&Report)) -> anyhow::Re
         Mode::Time => {
             let pins = SessionCachedRouter::new(cache.clone(), config.lag_window());
             let router = Arc::new(DistributedRouter::new(config.clone(), pins));
-            serve_and_drive(options, config, router, cache, live).await
+            serve_and_drive(options, config, router, cache, |_| {}, live).await
         }
         Mode::Causal => {
             let tracker = CausalTracker::new(cache.clone(), config.lag_window())
                 .monotonic_reads(options.monotonic_reads);
             let router = Arc::new(CausalRouter::new(config.clone(), tracker));
-            serve_and_drive(options, config, router, cache, live).await
+            // When the monitor's last look is too old to say, ask a follower on demand.
+            let attach = |pool: &DistributedPool<Arc<CausalRouter<MemcacheCache>>>| {
+                pool.router().attach_probe(pool.probe());
+            };
+            serve_and_drive(options, config, router, cache, attach, live).await
         }
     }
 }
@@ -183,6 +187,7 @@ async fn serve_and_drive<R>(
     config: Config,
     router: Arc<R>,
     cache: MemcacheCache,
+    attach: impl FnOnce(&DistributedPool<Arc<R>>),
     mut live: impl FnMut(&Report),
 ) -> anyhow::Result<Report>
 where
@@ -193,6 +198,7 @@ where
         .max_connections(8)
         .connect()
         .await?;
+    attach(&pool);
     sqlx::raw_sql(SCHEMA).execute(pool.leader()).await?;
     let sessions_db = PgSessions::new(pool.leader().clone());
     sessions_db.migrate().await?;

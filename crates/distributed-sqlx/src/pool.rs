@@ -295,7 +295,8 @@ async fn leader_position(leader: &PgPool) -> Result<WalPosition, Error> {
         .fetch_one(leader)
         .await
         .map_err(Error::on_leader)?;
-    Ok(text.parse()?)
+    // The end of what was written, not past a page header no record has reached yet.
+    Ok(text.parse::<WalPosition>()?.written_end())
 }
 
 /// A failed attempt, and where it failed.
@@ -475,7 +476,8 @@ impl<R: Router + 'static> DistributedPool<R> {
         self.begin_in(None).await
     }
 
-    /// The leader's current WAL insert position (`pg_current_wal_insert_lsn()`).
+    /// The leader's current WAL position: the end of what it has written
+    /// (`pg_current_wal_insert_lsn()`, see [`WalPosition::written_end`]).
     ///
     /// # Errors
     /// [`Error::LeaderUnavailable`] when the leader does not answer.
