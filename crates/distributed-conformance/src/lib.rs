@@ -30,6 +30,7 @@ mod cache;
 mod causal;
 mod logs;
 mod router;
+mod short_window;
 mod suite;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub use causal::{
     reads_return_to_caught_up_followers,
 };
 pub use router::{Mode, TestRouter};
+pub use short_window::a_window_shorter_than_the_lag_reads_no_stale_row;
 pub use suite::{
     cache_down_at_mark_time, monotonic_reads_lagging_and_crashes, read_your_writes,
     reads_return_to_followers_after_the_window, reports_commit_positions,

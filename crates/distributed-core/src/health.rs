@@ -11,6 +11,8 @@ use tokio::time::Instant;
 use crate::{Config, Freshness, WalPosition};
 
 const UNKNOWN: u64 = u64::MAX;
+/// A follower measured with no lag at all.
+const CAUGHT_UP: u64 = u64::MAX - 1;
 
 /// The shared, lock-free-to-read state of every follower: the router reads it on every
 /// decision; adapters and the [monitor](crate::spawn_monitor) write it.
@@ -19,6 +21,13 @@ pub struct FollowerSet {
     followers: Vec<FollowerState>,
     /// The newest leader WAL position the monitor has seen, or `UNKNOWN`.
     leader: AtomicU64,
+    /// Times below are microseconds since this instant (an hour before the set was made, so
+    /// that a lag measured at start-up still fits).
+    epoch: Instant,
+    /// When the monitor last sampled the leader's position, or `UNKNOWN`.
+    leader_sampled_at: AtomicU64,
+    /// When this app server last recorded a write, or 0.
+    last_write: AtomicU64,
     max_lag: Duration,
     readmit_ramp: Duration,
     probe_backoff_max: Duration,
@@ -31,8 +40,12 @@ struct FollowerState {
     up: AtomicBool,
     /// When it last came back up, for the gradual re-admission ramp.
     readmitted_at: Mutex<Option<Instant>>,
-    /// Measured lag in microseconds, or `UNKNOWN`.
-    lag_micros: AtomicU64,
+    /// Since when it has been behind (the last time the leader was at the position it had
+    /// replayed when measured), `CAUGHT_UP`, or `UNKNOWN` before the first measurement. The lag
+    /// is computed from it when asked, so it grows between measurements as it really does.
+    behind_since: AtomicU64,
+    /// When the leader sample its last measurement rested on was taken.
+    measured_against: AtomicU64,
     /// Last replayed WAL position, or `UNKNOWN`.
     replayed: AtomicU64,
     /// Consecutive failed probes, for back-off.
@@ -64,12 +77,19 @@ impl FollowerSet {
                     name: node.name().to_owned(),
                     up: AtomicBool::new(true),
                     readmitted_at: Mutex::new(None),
-                    lag_micros: AtomicU64::new(UNKNOWN),
+                    behind_since: AtomicU64::new(UNKNOWN),
+                    measured_against: AtomicU64::new(UNKNOWN),
                     replayed: AtomicU64::new(UNKNOWN),
                     failures: AtomicU32::new(0),
                 })
                 .collect(),
             leader: AtomicU64::new(UNKNOWN),
+            epoch: {
+                let now = Instant::now();
+                now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+            },
+            leader_sampled_at: AtomicU64::new(UNKNOWN),
+            last_write: AtomicU64::new(0),
             max_lag: config.max_follower_lag(),
             readmit_ramp: config.readmit_ramp(),
             probe_backoff_max: config.probe_backoff_max(),
@@ -136,9 +156,21 @@ impl FollowerSet {
         let Some(f) = self.followers.get(index) else {
             return;
         };
-        let micros = u64::try_from(lag.as_micros()).unwrap_or(UNKNOWN - 1);
-        let previous = f.lag_micros.swap(micros, Ordering::AcqRel);
-        let was_lagging = previous != UNKNOWN && Duration::from_micros(previous) > self.max_lag;
+        let now = Instant::now();
+        let was_lagging = self.lag_at(f, now).is_some_and(|lag| lag > self.max_lag);
+        let since = if lag.is_zero() {
+            CAUGHT_UP
+        } else {
+            self.micros(now.checked_sub(lag).unwrap_or(self.epoch))
+        };
+        f.behind_since.store(since, Ordering::Release);
+        let sampled = self.leader_sampled_at.load(Ordering::Acquire);
+        let basis = if sampled == UNKNOWN {
+            self.micros(now)
+        } else {
+            sampled
+        };
+        f.measured_against.store(basis, Ordering::Release);
         // Positions only move forward: a measurement that arrives late must not undo a newer one.
         raise(&f.replayed, replayed);
         let lagging = lag > self.max_lag;
@@ -156,6 +188,38 @@ impl FollowerSet {
             .set(lag.as_secs_f64());
     }
 
+    /// Records that this app server's router recorded a write just now. Until a follower is
+    /// measured against a leader sample taken after it, that follower is taken to be at least
+    /// as far behind as the time since this write: between two probes the monitor cannot see
+    /// a write, and a scope whose pin expires then must not be sent to a follower without it.
+    pub fn note_write(&self) {
+        self.last_write
+            .fetch_max(self.micros(Instant::now()), Ordering::AcqRel);
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(CAUGHT_UP - 1)
+    }
+
+    /// Follower `f`'s lag at `now`, if it has been measured.
+    fn lag_at(&self, f: &FollowerState, now: Instant) -> Option<Duration> {
+        let since = f.behind_since.load(Ordering::Acquire);
+        if since == UNKNOWN {
+            return None;
+        }
+        let now = self.micros(now);
+        let mut behind = if since == CAUGHT_UP {
+            0
+        } else {
+            now.saturating_sub(since)
+        };
+        let wrote = self.last_write.load(Ordering::Acquire);
+        if wrote != 0 && wrote > f.measured_against.load(Ordering::Acquire) {
+            behind = behind.max(now.saturating_sub(wrote));
+        }
+        Some(Duration::from_micros(behind))
+    }
+
     /// Records that follower `index` has replayed at least `replayed`, without a lag
     /// measurement (an on-demand check). Positions only move forward.
     pub fn observe_replayed(&self, index: usize, replayed: WalPosition) {
@@ -168,6 +232,8 @@ impl FollowerSet {
     /// does, at every probe). Positions only move forward.
     pub fn record_leader(&self, position: WalPosition) {
         raise(&self.leader, position);
+        self.leader_sampled_at
+            .store(self.micros(Instant::now()), Ordering::Release);
     }
 
     /// The newest leader WAL position recorded, if any: a lower bound of the leader's real
@@ -204,14 +270,11 @@ impl FollowerSet {
             })
     }
 
-    /// The last measured lag of follower `index`, if measured.
+    /// How far behind follower `index` is now, if it has been measured: its last measurement,
+    /// grown by the time since (a follower that was behind is still behind until measured
+    /// again), and at least the time since a write recorded after that measurement.
     pub fn lag(&self, index: usize) -> Option<Duration> {
-        let micros = self
-            .followers
-            .get(index)?
-            .lag_micros
-            .load(Ordering::Acquire);
-        (micros != UNKNOWN).then(|| Duration::from_micros(micros))
+        self.lag_at(self.followers.get(index)?, Instant::now())
     }
 
     /// The last WAL position follower `index` was seen to have replayed, if known.
@@ -246,8 +309,7 @@ impl FollowerSet {
         if !f.up.load(Ordering::Acquire) {
             return Err(Ineligible::Down);
         }
-        let lag = f.lag_micros.load(Ordering::Acquire);
-        if lag != UNKNOWN && Duration::from_micros(lag) > self.max_lag {
+        if self.lag_at(f, now).is_some_and(|lag| lag > self.max_lag) {
             return Err(Ineligible::Lagging);
         }
         if let Freshness::AtLeast(position) = need {
@@ -356,8 +418,8 @@ mod tests {
         assert!(c.eligible.is_empty() && !c.any_up);
     }
 
-    #[test]
-    fn lagging_followers_are_skipped_until_they_catch_up() {
+    #[tokio::test(start_paused = true)]
+    async fn lagging_followers_are_skipped_until_they_catch_up() {
         let s = set(1);
         s.record(0, Duration::from_millis(1500), WalPosition(10));
         let c = s.candidates(Freshness::Any);
@@ -365,6 +427,44 @@ mod tests {
         s.record(0, Duration::from_millis(100), WalPosition(20));
         assert_eq!(s.candidates(Freshness::Any).eligible, vec![0]);
         assert_eq!(s.lag(0), Some(Duration::from_millis(100)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lag_grows_between_measurements() {
+        let s = set(1); // at most 1 s behind
+        s.record(0, Duration::from_millis(900), WalPosition(10));
+        assert_eq!(s.candidates(Freshness::Any).eligible, vec![0]);
+        // Not measured again: 200 ms later it is 1.1 s behind, not still 0.9 s.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(s.lag(0), Some(Duration::from_millis(1100)));
+        assert!(s.candidates(Freshness::Any).eligible.is_empty());
+        // Caught up stays caught up until measured otherwise.
+        s.record(0, Duration::ZERO, WalPosition(20));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(s.lag(0), Some(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_since_the_last_measurement_counts_as_lag() {
+        let s = set(1); // at most 1 s behind
+        s.record_leader(WalPosition(20));
+        s.record(0, Duration::ZERO, WalPosition(20));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        s.note_write();
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        // The monitor has not looked since the write: the follower may not have it.
+        assert_eq!(s.lag(0), Some(Duration::from_millis(1100)));
+        assert!(s.candidates(Freshness::Any).eligible.is_empty());
+        // A measurement against a leader sample taken after the write settles it.
+        s.record_leader(WalPosition(30));
+        s.record(0, Duration::ZERO, WalPosition(30));
+        assert_eq!(s.lag(0), Some(Duration::ZERO));
+        // Without any measurement yet (no monitor), a write changes nothing.
+        let unmonitored = set(1);
+        unmonitored.note_write();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(unmonitored.lag(0), None);
+        assert_eq!(unmonitored.candidates(Freshness::Any).eligible, vec![0]);
     }
 
     #[test]

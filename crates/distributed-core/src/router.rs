@@ -274,6 +274,8 @@ impl<R: RecentlyUpdated, P: FollowerPicker> Router for DistributedRouter<R, P> {
         table: Option<&str>,
         position: Option<WalPosition>,
     ) -> Result<(), CacheError> {
+        // Whatever the scope, the followers may not have this write until measured again.
+        self.followers.note_write();
         let Some(scope) = scope else { return Ok(()) };
         metrics::counter!("distributed_marks_total").increment(1);
         let per_table = self.recently.per_table();

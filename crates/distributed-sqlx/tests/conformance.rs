@@ -165,6 +165,11 @@ async fn a_token_in_a_job_payload_reads_the_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_shorter_than_the_lag_reads_no_stale_row() {
+    distributed_conformance::a_window_shorter_than_the_lag_reads_no_stale_row::<Sqlx>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_return_to_followers_after_the_window() {
     distributed_conformance::reads_return_to_followers_after_the_window::<Sqlx>().await;
 }
