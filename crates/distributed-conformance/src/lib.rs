@@ -28,7 +28,6 @@
 
 mod cache;
 mod causal;
-mod logs;
 mod router;
 mod short_window;
 mod suite;

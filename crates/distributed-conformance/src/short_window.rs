@@ -27,11 +27,16 @@ pub async fn a_window_shorter_than_the_lag_reads_no_stale_row<A: Adapter>() {
     let apply_delay = rig.apply_delay();
     let window = apply_delay / 2;
     let pool_with = |max_follower_lag: Duration| {
-        let config = builder(rig.leader_url(), rig.follower_urls(), apply_delay, Mode::Time)
-            .lag_window(window)
-            .max_follower_lag(max_follower_lag)
-            .build()
-            .expect("a valid configuration");
+        let config = builder(
+            rig.leader_url(),
+            rig.follower_urls(),
+            apply_delay,
+            Mode::Time,
+        )
+        .lag_window(window)
+        .max_follower_lag(max_follower_lag)
+        .build()
+        .expect("a valid configuration");
         let router = TestRouter::new(config.clone(), Arc::new(SwitchableCache::new()));
         connect_to::<A>(config, Arc::new(router), Settings::default())
     };
@@ -43,8 +48,11 @@ pub async fn a_window_shorter_than_the_lag_reads_no_stale_row<A: Adapter>() {
     unwrap("create table", guarded.create_table(&table).await);
     settle(apply_delay).await;
 
-    let (stale, lag_skips, control_stale) =
-        (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let (stale, lag_skips, control_stale) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
     futures_util::stream::iter(0..SCOPES)
         .for_each_concurrent(8, |id| {
             let (guarded, unguarded, table) = (&guarded, &unguarded, table.as_str());
@@ -72,8 +80,7 @@ pub async fn a_window_shorter_than_the_lag_reads_no_stale_row<A: Adapter>() {
                 .await;
                 with_scope(scope(table, &format!("unguarded-{id}")), async {
                     let seen = unwrap("control read", unguarded.read(table, SCOPES + id).await);
-                    if matches!(seen.decision.target, Target::Follower(_)) && seen.value.is_none()
-                    {
+                    if matches!(seen.decision.target, Target::Follower(_)) && seen.value.is_none() {
                         control_stale.fetch_add(1, Ordering::SeqCst);
                     }
                 })
@@ -92,8 +99,14 @@ pub async fn a_window_shorter_than_the_lag_reads_no_stale_row<A: Adapter>() {
          ({lag_skips} read the leader because the followers lagged); without the lag guard \
          {control_stale} of {SCOPES} were stale"
     );
-    assert_eq!(stale, 0, "reads missed their own writes after a too-short window");
-    assert!(lag_skips > 0, "the lag guard never acted: what kept the reads fresh?");
+    assert_eq!(
+        stale, 0,
+        "reads missed their own writes after a too-short window"
+    );
+    assert!(
+        lag_skips > 0,
+        "the lag guard never acted: what kept the reads fresh?"
+    );
     assert!(
         control_stale > 0,
         "without the lag guard no read was stale: the window was not shorter than the lag, \

@@ -9,11 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use distributed_core::{
     Config, ConfigBuilder, Decision, FollowerSet, Reason, Scope, Target, WalPosition, with_scope,
 };
-use distributed_testkit::{TopologyOptions, private_topology_or_skip, rig_or_skip};
+use distributed_testkit::{LogCapture, TopologyOptions, private_topology_or_skip, rig_or_skip};
 use futures_util::StreamExt;
 use tokio::time::{Instant, sleep};
 
-use crate::logs::LogCapture;
 use crate::{Adapter, Mode, Settings, SwitchableCache, TestRouter};
 
 /// The lag window in causal mode: far longer than any wait of these tests, so that a read a

@@ -55,6 +55,7 @@
 mod cache_server;
 pub mod env;
 mod error;
+mod logs;
 mod postgres;
 mod process;
 mod proxy;
@@ -66,6 +67,7 @@ pub use env::{
     EnvRig, RigHealth, memcached_or_skip, private_topology_or_skip, redis_or_skip, rig_or_skip,
 };
 pub use error::RigError;
+pub use logs::LogCapture;
 pub use postgres::postgres_bin_dir;
 pub use proxy::DelayProxy;
 pub use topology::{Topology, TopologyOptions};

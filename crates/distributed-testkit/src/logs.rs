@@ -1,8 +1,9 @@
-//! Captures what a test logs, to check that no password reaches a log line.
+//! Captures what a test logs, to check that no password, session id or session content
+//! reaches a log line.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -11,28 +12,31 @@ use tracing::{Event, Metadata, Subscriber};
 
 /// Every event and span field logged on this thread while the guard lives, as text.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct LogCapture {
+pub struct LogCapture {
     lines: Arc<Mutex<String>>,
     next_id: Arc<AtomicU64>,
 }
 
 impl LogCapture {
     /// Starts capturing on the current thread (where a test's top-level future runs).
-    pub(crate) fn start() -> (Self, DefaultGuard) {
+    pub fn start() -> (Self, DefaultGuard) {
         let capture = Self::default();
         let guard = tracing::subscriber::set_default(capture.clone());
         (capture, guard)
     }
 
     /// What was captured so far.
-    pub(crate) fn text(&self) -> String {
-        self.lines.lock().expect("log capture").clone()
+    pub fn text(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn append(&self, visit: impl FnOnce(&mut Line)) {
         let mut line = Line(String::new());
         visit(&mut line);
-        let mut lines = self.lines.lock().expect("log capture");
+        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
         lines.push_str(&line.0);
         lines.push('\n');
     }
