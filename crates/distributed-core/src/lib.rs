@@ -70,6 +70,7 @@ mod health;
 #[cfg(feature = "tower")]
 mod layer;
 mod monitor;
+mod pools;
 mod recently;
 mod router;
 mod scope;
@@ -85,6 +86,9 @@ pub use health::{FollowerPicker, FollowerSet, RandomPicker, RoundRobinPicker};
 #[cfg(feature = "tower")]
 pub use layer::{ExtractScope, ScopeLayer, ScopeService};
 pub use monitor::{MonitorHandle, NodeProbe, spawn_monitor};
+pub use pools::{
+    Backend, ConnectError, Failed, Marker, PoolSettings, PositionError, RoutedPools, ServerProbe,
+};
 pub use recently::{CachedRouter, RecentlyUpdated, SessionCachedRouter, Subject};
 pub use router::{DistributedRouter, Router};
 pub use scope::{
