@@ -9,7 +9,6 @@ use sqlx::postgres::Postgres;
 use tracing::Instrument;
 
 use crate::Error;
-use crate::error::is_unavailable;
 use crate::pool::Marker;
 
 /// A transaction on the leader, from [`DistributedPool::begin`](crate::DistributedPool::begin).
@@ -59,18 +58,11 @@ impl Transaction {
             statement = "commit"
         );
         async {
-            match tx.commit().await {
-                Ok(()) => {
-                    marker.mark(scope.as_ref(), table.as_deref(), true).await;
-                    Ok(())
-                }
-                Err(error) => {
-                    if is_unavailable(&error) {
-                        marker.mark(scope.as_ref(), table.as_deref(), false).await;
-                    }
-                    Err(Error::on_leader(error))
-                }
-            }
+            let outcome = tx.commit().await;
+            marker
+                .settle(scope.as_ref(), table.as_deref(), outcome)
+                .await
+                .map_err(Error::on_leader)
         }
         .instrument(span)
         .await
