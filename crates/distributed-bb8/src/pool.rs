@@ -1,23 +1,24 @@
-//! The routing pool: a leader pool, one pool per follower, a router deciding between them.
+//! The routing pool: a leader pool, one pool per follower, a router deciding between them; the
+//! routing itself is `distributed_core`'s [`RoutedPools`], over bb8.
 
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bb8::RunError;
 use bb8_postgres::PostgresConnectionManager;
 use distributed_core::{
-    Config, ConfigError, Decision, FollowerSet, MonitorHandle, Node, Router, Scope, Target,
-    WalPosition, current_scope, force_leader, read_with_failover, spawn_monitor,
+    Backend, Config, ConnectError, Decision, FollowerSet, Node, PoolSettings, PositionError,
+    RoutedPools, Router, Target, WalPosition, force_leader,
 };
+use futures_util::TryFutureExt;
 use futures_util::future::BoxFuture;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use tracing::Instrument;
 
-use crate::error::is_unavailable;
 use crate::probe::PgProbe;
 use crate::{Connection, Error, Manager, ReadConnection};
 
@@ -27,6 +28,104 @@ const READ_ONLY: &str = "-c default_transaction_read_only=on";
 
 /// Statement parameters, as `tokio_postgres` takes them.
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// The servers' connection configurations, parsed once: what builds every pool.
+pub(crate) struct PgBackend {
+    leader: tokio_postgres::Config,
+    followers: Vec<tokio_postgres::Config>,
+}
+
+impl PgBackend {
+    pub(crate) fn parse(config: &Config) -> Result<Self, Error> {
+        Ok(Self {
+            leader: parse(config.leader())?,
+            followers: config
+                .followers()
+                .iter()
+                .map(parse)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+fn parse(node: &Node) -> Result<tokio_postgres::Config, Error> {
+    tokio_postgres::Config::from_str(node.url()).map_err(|source| Error::InvalidUrl {
+        node: node.name().to_owned(),
+        source,
+    })
+}
+
+fn read_only(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut config = config.clone();
+    let options = match config.get_options() {
+        Some(options) if !options.trim().is_empty() => format!("{options} {READ_ONLY}"),
+        _ => READ_ONLY.to_owned(),
+    };
+    config.options(&options);
+    config
+}
+
+impl Backend for PgBackend {
+    type Pool = bb8::Pool<Manager>;
+    type Conn = Connection;
+    type Error = RunError<tokio_postgres::Error>;
+
+    fn pool(&self, target: Target, read_only: bool, timeout: Duration, size: u32) -> Self::Pool {
+        let config = match target {
+            Target::Follower(i) => self.followers.get(i).unwrap_or(&self.leader),
+            Target::Leader => &self.leader,
+        };
+        let mut config = config.clone();
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeout);
+        }
+        if read_only {
+            config = self::read_only(&config);
+        }
+        bb8::Pool::builder()
+            .max_size(size)
+            .connection_timeout(timeout)
+            // A server that refuses connections is down: say so at once instead of retrying
+            // until the timeout, so reads move on to the next server.
+            .retry_connection(false)
+            .build_unchecked(PostgresConnectionManager::new(config, NoTls))
+    }
+
+    async fn acquire(pool: &Self::Pool) -> Result<Connection, Self::Error> {
+        pool.get_owned().await
+    }
+
+    /// A dedicated connection reports why it failed; a pool checkout would only time out.
+    async fn check(pool: &Self::Pool, timeout: Duration) -> Result<(), Self::Error> {
+        match tokio::time::timeout(timeout, pool.dedicated_connection()).await {
+            Ok(Ok(_client)) => Ok(()),
+            Ok(Err(error)) => Err(RunError::User(error)),
+            Err(_) => Err(RunError::TimedOut),
+        }
+    }
+
+    async fn query_lsn(
+        pool: &Self::Pool,
+        sql: &'static str,
+    ) -> Result<Option<String>, Self::Error> {
+        let conn = pool.get().await?;
+        let row = conn.query_one(sql, &[]).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    fn is_unavailable(error: &Self::Error) -> bool {
+        crate::error::is_unavailable(error)
+    }
+
+    fn span(node: &str, decision: Decision) -> tracing::Span {
+        tracing::debug_span!(
+            "distributed_bb8",
+            target_kind = decision.target.kind(),
+            node,
+            reason = decision.reason.label(),
+        )
+    }
+}
 
 /// A bb8 pool of `tokio_postgres` connections that routes: writes to the leader, reads to a
 /// follower unless the current [scope](distributed_core::current_scope) wrote within the lag
@@ -48,18 +147,9 @@ pub struct DistributedPool<R> {
 }
 
 struct Inner<R> {
-    router: Arc<R>,
-    config: Config,
-    /// Writes and transactions.
-    leader: bb8::Pool<Manager>,
-    /// Reads routed to the leader, read-only like every read.
-    leader_reads: bb8::Pool<Manager>,
-    followers: Vec<bb8::Pool<Manager>>,
-    marker: Marker,
-    /// What the monitor asks the servers; also handed out for causal mode's on-demand check.
+    pools: RoutedPools<PgBackend, R>,
+    /// The monitor's probe, as this crate names it.
     probe: Arc<PgProbe>,
-    /// Stops the monitor when the last clone of the pool is dropped.
-    _monitor: Option<MonitorHandle>,
 }
 
 impl<R> Clone for DistributedPool<R> {
@@ -72,13 +162,11 @@ impl<R> Clone for DistributedPool<R> {
 
 impl<R> fmt::Debug for DistributedPool<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pools = &self.inner.pools;
         f.debug_struct("DistributedPool")
-            .field("leader", self.inner.config.leader())
-            .field("followers", &self.inner.config.followers())
-            .field(
-                "track_commit_position",
-                &self.inner.marker.track_commit_position,
-            )
+            .field("leader", pools.config().leader())
+            .field("followers", &pools.config().followers())
+            .field("track_commit_position", &pools.tracks_commit_position())
             .finish_non_exhaustive()
     }
 }
@@ -88,22 +176,19 @@ impl<R> fmt::Debug for DistributedPool<R> {
 pub struct Builder<R> {
     config: Config,
     router: R,
-    max_connections: u32,
-    acquire_timeout: Duration,
-    follower_acquire_timeout: Duration,
-    track_commit_position: bool,
-    monitor: bool,
+    settings: PoolSettings,
 }
 
 impl<R> fmt::Debug for Builder<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
         f.debug_struct("Builder")
             .field("config", &self.config)
-            .field("max_connections", &self.max_connections)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("follower_acquire_timeout", &self.follower_acquire_timeout)
-            .field("track_commit_position", &self.track_commit_position)
-            .field("monitor", &self.monitor)
+            .field("max_connections", &s.max_connections)
+            .field("acquire_timeout", &s.acquire_timeout)
+            .field("follower_acquire_timeout", &s.follower_acquire_timeout)
+            .field("track_commit_position", &s.track_commit_position)
+            .field("monitor", &s.monitor)
             .finish_non_exhaustive()
     }
 }
@@ -112,7 +197,7 @@ impl<R: Router + 'static> Builder<R> {
     /// Connections per server and role (the leader has two pools: writes, and reads routed to
     /// it). Default 10; at least 1.
     pub fn max_connections(mut self, max: u32) -> Self {
-        self.max_connections = max.max(1);
+        self.settings.max_connections = max.max(1);
         self
     }
 
@@ -120,14 +205,14 @@ impl<R: Router + 'static> Builder<R> {
     /// failing with [`Error::LeaderUnavailable`]; also bounds the start-up check of the leader
     /// and each connection attempt. Default 5 s.
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
+        self.settings.acquire_timeout = timeout;
         self
     }
 
     /// How long a read waits for a follower connection before marking that follower down and
     /// trying the next server. Short, because the read is waiting: default 1 s.
     pub fn follower_acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.follower_acquire_timeout = timeout;
+        self.settings.follower_acquire_timeout = timeout;
         self
     }
 
@@ -135,14 +220,14 @@ impl<R: Router + 'static> Builder<R> {
     /// extra query) and hand it to [`Router::record_write`], for routers that send a scope's
     /// reads to any follower that has replayed its writes. Default off.
     pub fn track_commit_position(mut self, track: bool) -> Self {
-        self.track_commit_position = track;
+        self.settings.track_commit_position = track;
         self
     }
 
-    /// Run the health and lag monitor ([`spawn_monitor`]) with the configuration's probe
+    /// Run the health and lag monitor ([`spawn_monitor`](distributed_core::spawn_monitor)) with the configuration's probe
     /// interval. Default on; without it, followers marked down stay down.
     pub fn monitor(mut self, monitor: bool) -> Self {
-        self.monitor = monitor;
+        self.settings.monitor = monitor;
         self
     }
 
@@ -156,190 +241,26 @@ impl<R: Router + 'static> Builder<R> {
     /// [`Error::LeaderUnavailable`] when the leader does not answer; [`Error::InvalidUrl`],
     /// [`Error::Config`] or [`Error::RouterMismatch`] for a configuration that cannot work.
     pub async fn connect(self) -> Result<DistributedPool<R>, Error> {
-        for (name, value) in [
-            ("acquire_timeout", self.acquire_timeout),
-            ("follower_acquire_timeout", self.follower_acquire_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::ZeroDuration(name).into());
-            }
-        }
-        let config = self.config;
-        if self.router.followers().len() != config.followers().len() {
-            return Err(Error::RouterMismatch {
-                router: self.router.followers().len(),
-                config: config.followers().len(),
-            });
-        }
-        let size = self.max_connections;
-        let leader_config = parse(config.leader(), self.acquire_timeout)?;
-        let follower_configs = config
-            .followers()
-            .iter()
-            .map(|node| parse(node, self.follower_acquire_timeout))
-            .collect::<Result<Vec<_>, _>>()?;
-        let leader = pool(leader_config.clone(), self.acquire_timeout, size);
-        let leader_reads = pool(read_only(&leader_config), self.acquire_timeout, size);
-        let followers: Vec<_> = follower_configs
-            .iter()
-            .map(|c| pool(read_only(c), self.follower_acquire_timeout, size))
-            .collect();
-
-        // A dedicated connection reports why it failed; a pool checkout would only time out.
-        if let Err(error) = check(&leader, self.acquire_timeout).await {
-            tracing::error!(
-                leader = %config.leader(),
-                %error,
-                "the leader is unreachable; the pool does not start"
-            );
-            return Err(Error::LeaderUnavailable(error));
-        }
-        let router = Arc::new(self.router);
-        let checks = followers
-            .iter()
-            .map(|pool| check(pool, self.follower_acquire_timeout));
-        let outcomes = futures_util::future::join_all(checks).await;
-        for ((index, node), outcome) in config.followers().iter().enumerate().zip(outcomes) {
-            if let Err(error) = outcome {
-                tracing::warn!(
-                    follower = node.name(),
-                    url = %node.redacted_url(),
-                    %error,
-                    "follower unreachable at start-up; marked down until it answers"
-                );
-                router.followers().mark_down(index);
-            }
-        }
-
-        // Its pools connect only when asked: without the monitor, perhaps never.
-        let probe = Arc::new(PgProbe::with_configs(
-            &config,
-            &leader_config,
-            &follower_configs,
-        ));
-        let monitor = self
-            .monitor
-            .then(|| spawn_monitor(router.clone(), probe.clone(), config.probe_interval()));
-        let marker = Marker {
-            router: router.clone(),
-            leader: leader.clone(),
-            track_commit_position: self.track_commit_position,
-        };
+        let pools =
+            RoutedPools::connect(self.config, self.router, self.settings, PgBackend::parse).await?;
+        let probe = Arc::new(PgProbe::from_core(pools.probe().clone()));
         Ok(DistributedPool {
-            inner: Arc::new(Inner {
-                router,
-                config,
-                leader,
-                leader_reads,
-                followers,
-                marker,
-                probe,
-                _monitor: monitor,
-            }),
+            inner: Arc::new(Inner { pools, probe }),
         })
     }
 }
 
-pub(crate) fn parse(
-    node: &Node,
-    connect_timeout: Duration,
-) -> Result<tokio_postgres::Config, Error> {
-    let mut config =
-        tokio_postgres::Config::from_str(node.url()).map_err(|source| Error::InvalidUrl {
-            node: node.name().to_owned(),
-            source,
-        })?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(connect_timeout);
-    }
-    Ok(config)
-}
-
-fn read_only(config: &tokio_postgres::Config) -> tokio_postgres::Config {
-    let mut config = config.clone();
-    let options = match config.get_options() {
-        Some(options) if !options.trim().is_empty() => format!("{options} {READ_ONLY}"),
-        _ => READ_ONLY.to_owned(),
-    };
-    config.options(&options);
-    config
-}
-
-pub(crate) fn pool(
-    config: tokio_postgres::Config,
-    timeout: Duration,
-    size: u32,
-) -> bb8::Pool<Manager> {
-    bb8::Pool::builder()
-        .max_size(size)
-        .connection_timeout(timeout)
-        // A server that refuses connections is down: say so at once instead of retrying
-        // until the timeout, so reads move on to the next server.
-        .retry_connection(false)
-        .build_unchecked(PostgresConnectionManager::new(config, NoTls))
-}
-
-async fn check(
-    pool: &bb8::Pool<Manager>,
-    timeout: Duration,
-) -> Result<(), RunError<tokio_postgres::Error>> {
-    match tokio::time::timeout(timeout, pool.dedicated_connection()).await {
-        Ok(Ok(_client)) => Ok(()),
-        Ok(Err(error)) => Err(RunError::User(error)),
-        Err(_) => Err(RunError::TimedOut),
-    }
-}
-
-/// Records writes with the router: shared by the pool's write paths.
-#[derive(Clone)]
-struct Marker {
-    router: Arc<dyn Router>,
-    leader: bb8::Pool<Manager>,
-    track_commit_position: bool,
-}
-
-impl Marker {
-    /// Marks `scope` as having written `table`. A failure to store the pin is logged and counted
-    /// by the router and not returned: the write itself succeeded, and the rest of this request
-    /// reads the leader regardless.
-    ///
-    /// `committed` is false when the write's outcome is unknown (the connection broke mid-way):
-    /// the scope is pinned all the same, without asking a leader that just failed for its
-    /// position.
-    async fn mark(&self, scope: Option<&Scope>, table: Option<&str>, committed: bool) {
-        let Some(scope) = scope else { return };
-        let position = if self.track_commit_position && committed {
-            match leader_position(&self.leader).await {
-                Ok(position) => Some(position),
-                Err(error) => {
-                    tracing::warn!(%error, "could not read the commit position; pinning to the leader");
-                    None
-                }
+impl From<ConnectError<RunError<tokio_postgres::Error>>> for Error {
+    fn from(error: ConnectError<RunError<tokio_postgres::Error>>) -> Self {
+        match error {
+            ConnectError::Config(error) => Error::Config(error),
+            ConnectError::RouterMismatch { router, config } => {
+                Error::RouterMismatch { router, config }
             }
-        } else {
-            None
-        };
-        if let Err(error) = self.router.record_write(Some(scope), table, position).await {
-            tracing::debug!(%error, "the write succeeded but its pin was not stored");
+            ConnectError::LeaderUnavailable(error) => Error::LeaderUnavailable(error),
+            _ => Error::LeaderUnavailable(RunError::TimedOut),
         }
     }
-}
-
-async fn leader_position(leader: &bb8::Pool<Manager>) -> Result<WalPosition, Error> {
-    let conn = leader.get().await.map_err(Error::on_leader)?;
-    let row = conn
-        .query_one("select pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(|e| Error::on_leader(RunError::User(e)))?;
-    let text: String = row.try_get(0).map_err(Error::from)?;
-    // The end of what was written, not past a page header no record has reached yet.
-    Ok(text.parse::<WalPosition>()?.written_end())
-}
-
-/// A failed attempt, and where it failed.
-struct Failed {
-    target: Target,
-    error: RunError<tokio_postgres::Error>,
 }
 
 impl<R: Router + 'static> DistributedPool<R> {
@@ -349,11 +270,7 @@ impl<R: Router + 'static> DistributedPool<R> {
         Builder {
             config,
             router,
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-            follower_acquire_timeout: Duration::from_secs(1),
-            track_commit_position: false,
-            monitor: true,
+            settings: PoolSettings::default(),
         }
     }
 
@@ -367,17 +284,17 @@ impl<R: Router + 'static> DistributedPool<R> {
 
     /// The router.
     pub fn router(&self) -> &R {
-        &self.inner.router
+        self.inner.pools.router()
     }
 
     /// The configuration.
     pub fn config(&self) -> &Config {
-        &self.inner.config
+        self.inner.pools.config()
     }
 
     /// The followers' health and lag.
     pub fn followers(&self) -> &FollowerSet {
-        self.inner.router.followers()
+        self.inner.pools.router().followers()
     }
 
     /// The probe the health and lag monitor uses (built even when the monitor is off; it
@@ -405,7 +322,7 @@ impl<R: Router + 'static> DistributedPool<R> {
     /// **not** mark the scope; application writes go through [`execute`](Self::execute),
     /// [`write`](Self::write) or [`transaction`](Self::transaction).
     pub fn leader(&self) -> &bb8::Pool<Manager> {
-        &self.inner.leader
+        self.inner.pools.leader()
     }
 
     /// The same operations for reads and writes of `table`, for routers that pin per table.
@@ -539,100 +456,41 @@ impl<R: Router + 'static> DistributedPool<R> {
     /// # Errors
     /// [`Error::LeaderUnavailable`] when the leader does not answer.
     pub async fn leader_position(&self) -> Result<WalPosition, Error> {
-        leader_position(&self.inner.leader).await
+        self.inner
+            .pools
+            .leader_position()
+            .await
+            .map_err(|e| match e {
+                PositionError::Invalid(invalid) => Error::InvalidWalPosition(invalid),
+                PositionError::Driver(error) => Error::on_leader(error),
+                _ => Error::on_leader(RunError::TimedOut),
+            })
     }
 
-    fn node_name(&self, target: Target) -> &str {
-        match target {
-            Target::Leader => self.inner.config.leader().name(),
-            Target::Follower(i) => self.inner.config.followers().get(i).map_or("?", Node::name),
-        }
-    }
-
-    fn pool_for(&self, target: Target) -> &bb8::Pool<Manager> {
-        match target {
-            Target::Leader => &self.inner.leader_reads,
-            Target::Follower(i) => self
-                .inner
-                .followers
-                .get(i)
-                .unwrap_or(&self.inner.leader_reads),
-        }
-    }
-
-    /// The span every statement runs in: where it went and why; never the scope's key.
-    fn span(&self, decision: Decision) -> tracing::Span {
-        tracing::debug_span!(
-            "distributed_bb8",
-            target_kind = decision.target.kind(),
-            node = self.node_name(decision.target),
-            reason = decision.reason.label(),
-        )
-    }
-
-    fn failed(&self, failed: Failed) -> Error {
-        Error::on(failed.target, self.node_name(failed.target), failed.error)
+    fn failed(failed: distributed_core::Failed<RunError<tokio_postgres::Error>>) -> Error {
+        Error::on(failed.target, &failed.node, failed.error)
     }
 
     async fn read_in(&self, table: Option<&str>) -> Result<ReadConnection, Error> {
-        let scope = current_scope();
-        read_with_failover(
-            &*self.inner.router,
-            scope.as_ref(),
-            table,
-            |failed: &Failed| is_unavailable(&failed.error),
-            |decision| {
-                let pool = self.pool_for(decision.target);
-                async move {
-                    pool.get_owned()
-                        .await
-                        .map(|conn| ReadConnection::new(conn, decision))
-                        .map_err(|error| Failed {
-                            target: decision.target,
-                            error,
-                        })
-                }
-                .instrument(self.span(decision))
-            },
-        )
-        .await
-        .map_err(|failed| self.failed(failed))
+        self.inner
+            .pools
+            .read(table, ReadConnection::new)
+            .await
+            .map_err(Self::failed)
     }
 
-    async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
+    async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, mut op: F) -> Result<T, Error>
     where
         F: FnMut(ReadConnection) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let scope = current_scope();
-        // read_with_failover calls its closure once per attempt; the attempt's future needs
-        // `op` too, and a closure cannot lend its own captures to the future it returns.
-        let op = Mutex::new(op);
-        let op = &op;
-        read_with_failover(
-            &*self.inner.router,
-            scope.as_ref(),
-            table,
-            |failed: &Failed| is_unavailable(&failed.error),
-            |decision| {
-                let pool = self.pool_for(decision.target);
-                let failed = move |error| Failed {
-                    target: decision.target,
-                    error,
-                };
-                async move {
-                    let conn = pool.get_owned().await.map_err(failed)?;
-                    let run = {
-                        let mut op = op.lock().unwrap_or_else(PoisonError::into_inner);
-                        (*op)(ReadConnection::new(conn, decision))
-                    };
-                    run.await.map_err(|e| failed(RunError::User(e)))
-                }
-                .instrument(self.span(decision))
-            },
-        )
-        .await
-        .map_err(|failed| self.failed(failed))
+        self.inner
+            .pools
+            .read_with(table, |conn, decision| {
+                op(ReadConnection::new(conn, decision)).map_err(RunError::User)
+            })
+            .await
+            .map_err(Self::failed)
     }
 
     async fn write_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
@@ -640,32 +498,11 @@ impl<R: Router + 'static> DistributedPool<R> {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let scope = current_scope();
-        let decision = self.inner.router.route_write(scope.as_ref(), table);
-        let marker = &self.inner.marker;
-        async {
-            let conn = self
-                .inner
-                .leader
-                .get_owned()
-                .await
-                .map_err(Error::on_leader)?;
-            match op(conn).await {
-                Ok(value) => {
-                    marker.mark(scope.as_ref(), table, true).await;
-                    Ok(value)
-                }
-                Err(error) => {
-                    let error = RunError::User(error);
-                    if is_unavailable(&error) {
-                        marker.mark(scope.as_ref(), table, false).await;
-                    }
-                    Err(Error::on_leader(error))
-                }
-            }
-        }
-        .instrument(self.span(decision))
-        .await
+        self.inner
+            .pools
+            .write(table, |conn| op(conn).map_err(RunError::User))
+            .await
+            .map_err(Error::on_leader)
     }
 
     async fn transaction_in<T, E, F>(&self, table: Option<&str>, op: F) -> Result<T, E>
@@ -673,14 +510,12 @@ impl<R: Router + 'static> DistributedPool<R> {
         F: for<'c> FnOnce(&'c mut tokio_postgres::Transaction<'_>) -> BoxFuture<'c, Result<T, E>>,
         E: From<Error>,
     {
-        let scope = current_scope();
-        let decision = self.inner.router.route_write(scope.as_ref(), table);
-        let marker = &self.inner.marker;
+        let pools = &self.inner.pools;
+        let (scope, span) = pools.route_write(table);
         let leader_error = |error| E::from(Error::on_leader(RunError::User(error)));
         async {
-            let mut conn = self
-                .inner
-                .leader
+            let mut conn = pools
+                .leader()
                 .get()
                 .await
                 .map_err(|e| E::from(Error::on_leader(e)))?;
@@ -698,21 +533,14 @@ impl<R: Router + 'static> DistributedPool<R> {
             // connection too, and writers each holding one while waiting for a second would
             // starve the pool.
             drop(conn);
-            match committed {
-                Ok(()) => {
-                    marker.mark(scope.as_ref(), table, true).await;
-                    Ok(value)
-                }
-                Err(error) => {
-                    let error = RunError::User(error);
-                    if is_unavailable(&error) {
-                        marker.mark(scope.as_ref(), table, false).await;
-                    }
-                    Err(E::from(Error::on_leader(error)))
-                }
-            }
+            let outcome = committed.map(|()| value).map_err(RunError::User);
+            pools
+                .marker()
+                .settle(scope.as_ref(), table, outcome)
+                .await
+                .map_err(|e| E::from(Error::on_leader(e)))
         }
-        .instrument(self.span(decision))
+        .instrument(span)
         .await
     }
 }
@@ -827,7 +655,9 @@ impl<R: Router + 'static> Table<'_, R> {
 mod tests {
     use std::time::Duration;
 
-    use distributed_core::{Config, DistributedRouter, MemoryCache, SessionCachedRouter};
+    use distributed_core::{
+        Config, ConfigError, DistributedRouter, MemoryCache, SessionCachedRouter,
+    };
 
     use super::*;
 

@@ -1,13 +1,13 @@
 //! The two queries of the health and lag monitor and of causal mode's on-demand check.
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use distributed_core::{BoxError, Config, NodeProbe, WalPosition};
+use distributed_core::{BoxError, Config, NodeProbe, ServerProbe, WalPosition};
 
-use crate::pool::{parse, pool};
-use crate::{Error, Manager};
+use crate::Error;
+use crate::pool::PgBackend;
 
 /// Asks the servers where they are in the leader's log: `pg_current_wal_lsn()` on the leader,
 /// `pg_last_wal_replay_lsn()` on a follower. The health and lag monitor runs these
@@ -18,18 +18,14 @@ use crate::{Error, Manager};
 /// so that a busy read pool never makes a healthy follower look dead. A
 /// [`DistributedPool`](crate::DistributedPool) hands out the probe its monitor uses with
 /// [`probe`](crate::DistributedPool::probe); [`PgProbe::new`] builds another.
-pub struct PgProbe {
-    leader: bb8::Pool<Manager>,
-    followers: Vec<bb8::Pool<Manager>>,
-    timeout: Duration,
-}
+pub struct PgProbe(Arc<ServerProbe<PgBackend>>);
 
 impl fmt::Debug for PgProbe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The connection configurations would show passwords.
         f.debug_struct("PgProbe")
-            .field("followers", &self.followers.len())
-            .field("timeout", &self.timeout)
+            .field("followers", &self.0.followers())
+            .field("timeout", &self.0.timeout())
             .finish_non_exhaustive()
     }
 }
@@ -43,76 +39,25 @@ impl PgProbe {
     /// # Errors
     /// [`Error::InvalidUrl`] when a server's URL does not parse.
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let timeout = Self::timeout(config);
-        let followers = config
-            .followers()
-            .iter()
-            .map(|node| parse(node, timeout))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self::with_configs(
-            config,
-            &parse(config.leader(), timeout)?,
-            &followers,
-        ))
+        let backend = PgBackend::parse(config)?;
+        Ok(Self(Arc::new(ServerProbe::new(&backend, config))))
     }
 
-    /// A probe from connection configurations already parsed out of `config`.
-    pub(crate) fn with_configs(
-        config: &Config,
-        leader: &tokio_postgres::Config,
-        followers: &[tokio_postgres::Config],
-    ) -> Self {
-        let timeout = Self::timeout(config);
-        let probe_pool = |c: &tokio_postgres::Config| pool(c.clone(), timeout, 1);
-        Self {
-            leader: probe_pool(leader),
-            followers: followers.iter().map(probe_pool).collect(),
-            timeout,
-        }
-    }
-
-    fn timeout(config: &Config) -> Duration {
-        config.probe_interval().max(Duration::from_secs(1))
+    /// The probe a pool's monitor runs.
+    pub(crate) fn from_core(probe: Arc<ServerProbe<PgBackend>>) -> Self {
+        Self(probe)
     }
 }
 
 #[async_trait]
 impl NodeProbe for PgProbe {
     async fn leader_position(&self) -> Result<WalPosition, BoxError> {
-        position(
-            &self.leader,
-            "select pg_current_wal_lsn()::text",
-            self.timeout,
-        )
-        .await
+        self.0.leader_position().await
     }
 
     async fn follower_position(&self, index: usize) -> Result<WalPosition, BoxError> {
-        let pool = self
-            .followers
-            .get(index)
-            .ok_or_else(|| format!("no follower {index}"))?;
-        position(pool, "select pg_last_wal_replay_lsn()::text", self.timeout).await
+        self.0.follower_position(index).await
     }
-}
-
-/// Runs `sql`, a query answering one `pg_lsn` as text, within `timeout`.
-async fn position(
-    pool: &bb8::Pool<Manager>,
-    sql: &str,
-    timeout: Duration,
-) -> Result<WalPosition, BoxError> {
-    let query = async {
-        let conn = pool.get().await?;
-        let row = conn.query_one(sql, &[]).await?;
-        Ok::<_, BoxError>(row.try_get::<_, Option<String>>(0)?)
-    };
-    let answer = tokio::time::timeout(timeout, query)
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))??;
-    // pg_last_wal_replay_lsn() is NULL on a server that is not in recovery.
-    let text = answer.ok_or("the server reported no WAL position (is it a follower?)")?;
-    Ok(text.parse()?)
 }
 
 #[cfg(test)]
