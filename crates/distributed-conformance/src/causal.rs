@@ -129,7 +129,7 @@ pub async fn followers_are_checked_on_demand<A: Adapter>() {
     .expect("a valid test configuration");
     let router = Arc::new(TestRouter::for_mode(
         config.clone(),
-        Arc::new(SwitchableCache::new()),
+        Arc::new(SwitchableCache::default()),
         Mode::Causal,
     ));
     let pool: A = connect_to(config, router.clone(), Settings::default()).await;
@@ -319,7 +319,7 @@ pub(crate) async fn monotonic_reads_with_a_paused_follower<A: Adapter>(
         .max_follower_lag(Duration::from_secs(600))
         .build()
         .expect("a valid test configuration");
-        let cache = Arc::new(SwitchableCache::new());
+        let cache = Arc::new(SwitchableCache::default());
         let router = Arc::new(TestRouter::causal(config.clone(), cache, monotonic));
         let pool: A = connect_to(config, router.clone(), Settings::default()).await;
         (pool, router)

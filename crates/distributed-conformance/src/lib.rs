@@ -26,7 +26,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod cache;
 mod causal;
 mod router;
 mod short_window;
@@ -38,11 +37,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use distributed_core::{Config, Decision, FollowerSet, NodeProbe};
 
-pub use cache::SwitchableCache;
 pub use causal::{
     a_token_in_a_job_payload_reads_the_write, followers_are_checked_on_demand,
     reads_return_to_caught_up_followers,
 };
+pub use distributed_core::SwitchableCache;
 pub use router::{Mode, TestRouter};
 pub use short_window::a_window_shorter_than_the_lag_reads_no_stale_row;
 pub use suite::{

@@ -37,7 +37,7 @@ pub async fn a_window_shorter_than_the_lag_reads_no_stale_row<A: Adapter>() {
         .max_follower_lag(max_follower_lag)
         .build()
         .expect("a valid configuration");
-        let router = TestRouter::new(config.clone(), Arc::new(SwitchableCache::new()));
+        let router = TestRouter::new(config.clone(), Arc::new(SwitchableCache::default()));
         connect_to::<A>(config, Arc::new(router), Settings::default())
     };
     // The default: followers behind the window are skipped.

@@ -63,7 +63,7 @@ fn config(leader: &str, followers: &[String], apply_delay: Duration, mode: Mode)
 }
 
 fn router(config: &Config, mode: Mode) -> (Arc<TestRouter>, Arc<SwitchableCache>) {
-    let cache = Arc::new(SwitchableCache::new());
+    let cache = Arc::new(SwitchableCache::default());
     let router = TestRouter::for_mode(config.clone(), cache.clone(), mode);
     (Arc::new(router), cache)
 }

@@ -1,6 +1,7 @@
 //! The shared cache that holds pins (and, in `distributed-session`, sessions).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -148,6 +149,96 @@ impl Cache for MemoryCache {
     async fn delete(&self, key: &str) -> Result<(), CacheError> {
         self.lock().map.remove(key);
         Ok(())
+    }
+}
+
+/// A cache that a test can take down: while switched off, every call fails with
+/// [`CacheError::Unavailable`], as when memcached stops or the network to it fails. For testing
+/// what an application does when its cache goes away (the router reads the leader; the session
+/// store writes through). Clones share the switch and the counters.
+///
+/// ```
+/// use distributed_core::{Cache, CacheError, SwitchableCache};
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let cache: SwitchableCache = SwitchableCache::default(); // over a MemoryCache
+/// cache.set_down(true);
+/// assert!(matches!(cache.get("k").await, Err(CacheError::Unavailable(_))));
+/// cache.set_down(false);
+/// assert_eq!(cache.get("k").await.unwrap(), None);
+/// assert_eq!(cache.calls(), 2);
+/// # });
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct SwitchableCache<C = MemoryCache> {
+    inner: C,
+    down: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    failed_sets: Arc<AtomicUsize>,
+}
+
+impl<C> SwitchableCache<C> {
+    /// Wraps `inner`, switched on.
+    pub fn new(inner: C) -> Self {
+        Self {
+            inner,
+            down: Arc::default(),
+            calls: Arc::default(),
+            failed_sets: Arc::default(),
+        }
+    }
+
+    /// Takes the cache down (`true`) or brings it back (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Whether it is down.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// How many calls it has had, failed ones included.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// How many `set`s failed because it was down (pins or sessions not stored).
+    pub fn failed_sets(&self) -> usize {
+        self.failed_sets.load(Ordering::SeqCst)
+    }
+
+    /// The wrapped cache.
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+
+    fn check(&self) -> Result<(), CacheError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.is_down() {
+            return Err(CacheError::Unavailable("switched off".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<C: Cache> Cache for SwitchableCache<C> {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
+        if let Err(e) = self.check() {
+            self.failed_sets.fetch_add(1, Ordering::SeqCst);
+            return Err(e);
+        }
+        self.inner.set(key, value, ttl).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        self.check()?;
+        self.inner.delete(key).await
     }
 }
 

@@ -77,7 +77,7 @@ mod scope;
 mod token;
 mod wal;
 
-pub use cache::{BoxError, Cache, CacheError, MemoryCache};
+pub use cache::{BoxError, Cache, CacheError, MemoryCache, SwitchableCache};
 pub use causal::{CausalRouter, CausalTracker};
 pub use config::{Config, ConfigBuilder, ConfigError, MAX_LAG_WINDOW, Node, redact_url};
 pub use decision::{Decision, Reason, Target};

@@ -1,6 +1,6 @@
 //! Unit tests of the engine, with an in-memory cache and database that can fail on demand.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 
 use async_trait::async_trait;
 use distributed_core::{
@@ -13,41 +13,7 @@ use super::*;
 use crate::{MemoryDatabase, SessionData, StoredSession};
 
 /// A cache that can be switched off and counts its calls.
-#[derive(Default, Clone)]
-struct FlakyCache {
-    inner: MemoryCache,
-    down: Arc<AtomicBool>,
-    calls: Arc<AtomicUsize>,
-}
-
-impl FlakyCache {
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-    fn check(&self) -> Result<(), CacheError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.down.load(Ordering::SeqCst) {
-            return Err(CacheError::Unavailable("switched off".into()));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Cache for FlakyCache {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.check()?;
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        self.check()?;
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.check()?;
-        self.inner.delete(key).await
-    }
-}
+type FlakyCache = distributed_core::SwitchableCache;
 
 /// A database that can hold one write at a gate, be slow, or reject "poison" rows.
 #[derive(Default, Clone)]
@@ -150,7 +116,7 @@ async fn save_answers_from_the_cache_and_the_database_follows() {
     assert_eq!(db.inner.loads(), loads, "served by the cache");
     // ...and in the database once the cache lost it, refilling the cache.
     cache
-        .inner
+        .inner()
         .delete(&format!("distributed:session:{}", record.id))
         .await
         .unwrap();
@@ -411,7 +377,7 @@ async fn cache_down_writes_through_and_reads_the_database() {
     cache.set_down(false);
     let key = format!("distributed:session:{}", record.id);
     assert!(
-        cache.inner.get(&key).await.unwrap().is_some(),
+        cache.inner().get(&key).await.unwrap().is_some(),
         "v1 is there"
     );
     for _ in 0..5 {
@@ -427,7 +393,7 @@ async fn cache_down_writes_through_and_reads_the_database() {
         tag_of(&store.load(&record.id).await.unwrap().unwrap()),
         "v2"
     );
-    let cached = cache.inner.get(&key).await.unwrap().unwrap();
+    let cached = cache.inner().get(&key).await.unwrap().unwrap();
     let (_, encoded) = parse_cache_value(&cached).unwrap();
     assert_eq!(tag_of(&encoded.decode(record.id).unwrap()), "v2");
 }
@@ -442,13 +408,13 @@ async fn an_unreachable_cache_is_left_alone_for_a_while() {
     cache.set_down(true);
     let record = session("x");
     store.save(&record).await.unwrap();
-    let calls = cache.calls.load(Ordering::SeqCst);
+    let calls = cache.calls();
     cache.set_down(false);
     for _ in 0..10 {
         store.save(&record).await.unwrap();
         assert!(store.load(&record.id).await.unwrap().is_some());
     }
-    assert_eq!(cache.calls.load(Ordering::SeqCst), calls, "not asked");
+    assert_eq!(cache.calls(), calls, "not asked");
     assert_eq!(store.stats().written_through, 11);
 }
 
@@ -575,7 +541,7 @@ async fn cycle_id_moves_the_data_deletes_the_old_id_and_carries_the_pin() {
 #[tokio::test]
 async fn malformed_ids_are_rejected_before_any_io() {
     let (store, cache, db) = store();
-    let calls = cache.calls.load(Ordering::SeqCst);
+    let calls = cache.calls();
     for text in [
         "",
         "x",
@@ -588,7 +554,7 @@ async fn malformed_ids_are_rejected_before_any_io() {
             Err(SessionError::InvalidId)
         ));
     }
-    assert_eq!(cache.calls.load(Ordering::SeqCst), calls);
+    assert_eq!(cache.calls(), calls);
     assert_eq!(db.inner.loads(), 0);
     // A well-formed id nobody issued: a clean miss.
     let forged = SessionId::generate().to_string();

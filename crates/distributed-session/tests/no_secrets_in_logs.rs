@@ -4,53 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use distributed_core::{Cache, CacheError, MemoryCache};
+use distributed_core::SwitchableCache;
 use distributed_session::{MemoryDatabase, SessionRecord, WriteBehindStore};
 use distributed_testkit::LogCapture;
 
 const SECRET: &str = "hunter2-very-secret";
 
-/// A memory cache that can be switched off.
-#[derive(Default)]
-struct Flaky {
-    inner: MemoryCache,
-    down: AtomicBool,
-}
-
-impl Flaky {
-    fn check(&self) -> Result<(), CacheError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(CacheError::Unavailable("connection refused".into()));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Cache for Flaky {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.check()?;
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        self.check()?;
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.check()?;
-        self.inner.delete(key).await
-    }
-}
-
 #[tokio::test]
 async fn no_session_id_or_content_reaches_a_log_line() {
     let (logs, _guard) = LogCapture::start();
-    let cache = Arc::new(Flaky::default());
+    let cache: SwitchableCache = SwitchableCache::default();
     let db = MemoryDatabase::new();
     let store = WriteBehindStore::builder(cache.clone(), db.clone())
         .retry_backoff(Duration::from_millis(5), Duration::from_millis(20))
@@ -68,7 +33,7 @@ async fn no_session_id_or_content_reaches_a_log_line() {
     ids.push(session.id.to_string());
 
     // The cache goes down: saves write through, loads read the database.
-    cache.down.store(true, Ordering::SeqCst);
+    cache.set_down(true);
     session
         .data
         .insert("step".into(), serde_json::json!(SECRET));
@@ -85,7 +50,7 @@ async fn no_session_id_or_content_reaches_a_log_line() {
         let _ = store.delete(&cycled.id).await;
     }
     // Everything back: the store catches up.
-    cache.down.store(false, Ordering::SeqCst);
+    cache.set_down(false);
     db.set_down(false);
     let _ = tokio::time::timeout(Duration::from_secs(5), store.flush()).await;
     let _ = store.shutdown().await;

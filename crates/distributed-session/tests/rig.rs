@@ -9,12 +9,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use distributed_core::{Cache, CacheError, MemoryCache};
+use distributed_core::{Cache, MemoryCache};
 use distributed_memcache::MemcacheCache;
 use distributed_session::{
     PgSessions, SessionData, SessionDatabase, SessionError, SessionId, SessionRecord, SessionRow,
@@ -33,47 +33,10 @@ use tokio::sync::oneshot;
 
 /// A shared cache that can be switched off, as when memcached stops or the network to it
 /// fails. Counts its calls.
-#[derive(Clone)]
-struct SwitchableCache {
-    inner: Arc<dyn Cache>,
-    down: Arc<AtomicBool>,
-    calls: Arc<AtomicUsize>,
-}
+type SwitchableCache = distributed_core::SwitchableCache<Arc<dyn Cache>>;
 
-impl SwitchableCache {
-    fn new(inner: impl Cache + 'static) -> Self {
-        Self {
-            inner: Arc::new(inner),
-            down: Arc::default(),
-            calls: Arc::default(),
-        }
-    }
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-    fn check(&self) -> Result<(), CacheError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.down.load(Ordering::SeqCst) {
-            return Err(CacheError::Unavailable("connection refused".into()));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Cache for SwitchableCache {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.check()?;
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        self.check()?;
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.check()?;
-        self.inner.delete(key).await
-    }
+fn switchable(inner: impl Cache + 'static) -> SwitchableCache {
+    SwitchableCache::new(Arc::new(inner))
 }
 
 /// A real database whose next write can be held at a gate (a slow or stuck batch), and that
@@ -260,7 +223,7 @@ async fn five_hundred_logins_read_back_at_once_are_never_lost() {
     let Some(rig) = rig_or_skip("five_hundred_logins_read_back_at_once_are_never_lost") else {
         return;
     };
-    logins(&rig, SwitchableCache::new(MemoryCache::new())).await;
+    logins(&rig, switchable(MemoryCache::new())).await;
 }
 
 #[tokio::test]
@@ -274,7 +237,7 @@ async fn five_hundred_logins_through_memcached_are_never_lost() {
         .namespace(format!("t1-{}:", SessionId::generate()))
         .build()
         .unwrap();
-    logins(&rig, SwitchableCache::new(cache)).await;
+    logins(&rig, switchable(cache)).await;
 }
 
 async fn logins(rig: &EnvRig, cache: SwitchableCache) {
@@ -519,7 +482,7 @@ async fn cache_outage_in_a_loop_of_saves_and_loads() {
     let Some(rig) = rig_or_skip("cache_outage_in_a_loop_of_saves_and_loads") else {
         return;
     };
-    let cache = SwitchableCache::new(MemoryCache::new());
+    let cache = switchable(MemoryCache::new());
     let switch = cache.clone();
     cache_outage_loop(rig.leader_url(), cache, async move |down| {
         switch.set_down(down)
@@ -707,7 +670,7 @@ async fn hostile_input_gets_typed_errors_or_a_fresh_session() {
     };
     let leader = pool(rig.leader_url()).await;
     let db = Gated::new(table(&leader, "hostile").await);
-    let cache = SwitchableCache::new(MemoryCache::new());
+    let cache = switchable(MemoryCache::new());
     let store = WriteBehindStore::builder(cache.clone(), db.clone())
         .build()
         .unwrap();
@@ -716,10 +679,7 @@ async fn hostile_input_gets_typed_errors_or_a_fresh_session() {
 
     // Garbage, truncated and forged ids.
     let real = SessionId::generate().to_string();
-    let (cache_calls, loads) = (
-        cache.calls.load(Ordering::SeqCst),
-        db.loads.load(Ordering::SeqCst),
-    );
+    let (cache_calls, loads) = (cache.calls(), db.loads.load(Ordering::SeqCst));
     let long = "A".repeat(100_000);
     for garbage in [
         "",
@@ -738,11 +698,7 @@ async fn hostile_input_gets_typed_errors_or_a_fresh_session() {
             Err(SessionError::InvalidId)
         ));
     }
-    assert_eq!(
-        cache.calls.load(Ordering::SeqCst),
-        cache_calls,
-        "no cache call"
-    );
+    assert_eq!(cache.calls(), cache_calls, "no cache call");
     assert_eq!(db.loads.load(Ordering::SeqCst), loads, "no database call");
     // Forged, well-formed: a clean miss (so the user gets a fresh session).
     assert!(store.load_str(&real).await.unwrap().is_none());
