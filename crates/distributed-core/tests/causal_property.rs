@@ -13,17 +13,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use distributed_core::{
-    BoxError, Cache, CacheError, CausalRouter, CausalTracker, Config, DistributedRouter,
-    MemoryCache, NodeProbe, Router, Scope, SessionCachedRouter, Target, WalPosition, force_leader,
-    spawn_monitor,
+    BoxError, CausalRouter, CausalTracker, Config, DistributedRouter, NodeProbe, Router, Scope,
+    SessionCachedRouter, Target, WalPosition, force_leader, spawn_monitor,
 };
 use proptest::prelude::*;
+
+use common::FlakyLookups;
 use tokio::time::Instant;
 
 const WINDOW_MS: u64 = 1000;
@@ -69,29 +71,6 @@ enum Mode {
     Causal { monotonic: bool, probe: bool },
     /// Time mode, for the test that shows the property can fail.
     Time,
-}
-
-/// A memory cache whose lookups can be made to fail; writes always land.
-#[derive(Default)]
-struct FlakyLookups {
-    inner: MemoryCache,
-    failing: AtomicBool,
-}
-
-#[async_trait]
-impl Cache for FlakyLookups {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(CacheError::Unavailable("injected".into()));
-        }
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.inner.delete(key).await
-    }
 }
 
 /// The leader's log over time and the followers' apply delays.
@@ -239,7 +218,7 @@ impl Case {
         // The first read's position is stored for later requests, unless the cache could not
         // be asked in this request.
         if let Some(known) = first
-            && !self.cache.failing.load(Ordering::SeqCst)
+            && !self.cache.is_failing()
         {
             let state = &mut self.scopes[scope];
             state.floor = state.floor.max(known);
@@ -309,7 +288,7 @@ impl Case {
                     }
                 }
             }
-            Op::CacheLookups { failing } => self.cache.failing.store(failing, Ordering::SeqCst),
+            Op::CacheLookups { failing } => self.cache.set_failing(failing),
         }
         Ok(())
     }

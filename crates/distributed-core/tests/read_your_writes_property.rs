@@ -7,16 +7,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use distributed_core::{
-    Cache, CacheError, Config, DistributedRouter, MemoryCache, Router, Scope, SessionCachedRouter,
-    Target,
-};
+use distributed_core::{Config, DistributedRouter, Router, Scope, SessionCachedRouter, Target};
 use proptest::prelude::*;
+
+use common::FlakyLookups;
 use tokio::time::Instant;
 
 const WINDOW_MS: u64 = 1000;
@@ -47,30 +46,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize).prop_map(|index| Op::Toggle { index }),
         1 => any::<bool>().prop_map(|failing| Op::CacheLookups { failing }),
     ]
-}
-
-/// A memory cache whose lookups can be made to fail; writes always land (a failed pin write
-/// is the one case a cache-kept pin cannot survive, and is documented as such).
-#[derive(Default)]
-struct FlakyLookups {
-    inner: MemoryCache,
-    failing: AtomicBool,
-}
-
-#[async_trait]
-impl Cache for FlakyLookups {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(CacheError::Unavailable("injected".into()));
-        }
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.inner.delete(key).await
-    }
 }
 
 /// The leader's history of one scope's writes, and what each follower has applied.
@@ -186,7 +161,7 @@ fn run_case(lags_ms: Vec<u64>, ops: Vec<Op>) -> Result<(), String> {
                         }
                     }
                 }
-                Op::CacheLookups { failing } => cache.failing.store(failing, Ordering::SeqCst),
+                Op::CacheLookups { failing } => cache.set_failing(failing),
             }
         }
         Ok(())
