@@ -87,7 +87,8 @@ pub use health::{FollowerPicker, FollowerSet, RandomPicker, RoundRobinPicker};
 pub use layer::{ExtractScope, ScopeLayer, ScopeService};
 pub use monitor::{MonitorHandle, NodeProbe, spawn_monitor};
 pub use pools::{
-    Backend, ConnectError, Failed, Marker, PoolSettings, PositionError, RoutedPools, ServerProbe,
+    Backend, ConnectError, Failed, Marker, PoolSettings, PositionError, Routed, RoutedPools,
+    ServerProbe,
 };
 pub use recently::{CachedRouter, RecentlyUpdated, SessionCachedRouter, Subject};
 pub use router::{DistributedRouter, Router};

@@ -547,6 +547,60 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
     }
 }
 
+/// A connection to the server the router chose for a read, with the decision that chose it.
+/// Adapters hand it out as their `ReadConnection`; it derefs to the driver's connection.
+///
+/// ```
+/// use distributed_core::{Decision, Reason, Routed, Target};
+/// let conn = Routed::new(Box::new(String::from("a connection")), Decision::follower(0, Reason::HealthyFollower));
+/// assert_eq!(conn.target(), Target::Follower(0));
+/// assert_eq!(conn.len(), 12); // derefs to what the pooled connection derefs to
+/// ```
+pub struct Routed<C> {
+    conn: C,
+    decision: Decision,
+}
+
+impl<C> Routed<C> {
+    /// `conn`, chosen by `decision`.
+    pub fn new(conn: C, decision: Decision) -> Self {
+        Self { conn, decision }
+    }
+
+    /// Where this read went and why.
+    pub fn decision(&self) -> Decision {
+        self.decision
+    }
+
+    /// Where this read went.
+    pub fn target(&self) -> Target {
+        self.decision.target
+    }
+}
+
+impl<C: std::ops::Deref> std::ops::Deref for Routed<C> {
+    type Target = C::Target;
+
+    fn deref(&self) -> &C::Target {
+        &self.conn
+    }
+}
+
+impl<C: std::ops::DerefMut> std::ops::DerefMut for Routed<C> {
+    fn deref_mut(&mut self) -> &mut C::Target {
+        &mut self.conn
+    }
+}
+
+impl<C> fmt::Debug for Routed<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection's own Debug may show its settings (passwords among them).
+        f.debug_struct("Routed")
+            .field("decision", &self.decision)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Asks the servers where they are in the leader's log, for the health and lag monitor and
 /// causal mode's on-demand check: `pg_current_wal_lsn()` on the leader,
 /// `pg_last_wal_replay_lsn()` on a follower.
