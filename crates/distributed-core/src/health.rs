@@ -2,7 +2,6 @@
 //! the policy that picks one of the eligible followers.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rand::Rng;
@@ -38,8 +37,9 @@ pub struct FollowerSet {
 struct FollowerState {
     name: String,
     up: AtomicBool,
-    /// When it last came back up, for the gradual re-admission ramp.
-    readmitted_at: Mutex<Option<Instant>>,
+    /// When it last came back up (micros since the epoch, or `UNKNOWN`), for the gradual
+    /// re-admission ramp.
+    readmitted_at: AtomicU64,
     /// Since when it has been behind (the last time the leader was at the position it had
     /// replayed when measured), `CAUGHT_UP`, or `UNKNOWN` before the first measurement. The lag
     /// is computed from it when asked, so it grows between measurements as it really does.
@@ -76,7 +76,7 @@ impl FollowerSet {
                 .map(|node| FollowerState {
                     name: node.name().to_owned(),
                     up: AtomicBool::new(true),
-                    readmitted_at: Mutex::new(None),
+                    readmitted_at: AtomicU64::new(UNKNOWN),
                     behind_since: AtomicU64::new(UNKNOWN),
                     measured_against: AtomicU64::new(UNKNOWN),
                     replayed: AtomicU64::new(UNKNOWN),
@@ -141,9 +141,8 @@ impl FollowerSet {
         };
         f.failures.store(0, Ordering::Release);
         if !f.up.load(Ordering::Acquire) {
-            *f.readmitted_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            f.readmitted_at
+                .store(self.micros(Instant::now()), Ordering::Release);
             f.up.store(true, Ordering::Release);
             tracing::info!(follower = %f.name, "follower back up; re-admitting gradually");
             metrics::gauge!("distributed_follower_up", "follower" => f.name.clone()).set(1.0);
@@ -319,12 +318,9 @@ impl FollowerSet {
             }
         }
         // Gradual re-admission: during the ramp, a follower takes a growing share of reads.
-        let readmitted = *f
-            .readmitted_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(at) = readmitted {
-            let elapsed = now.saturating_duration_since(at);
+        let readmitted = f.readmitted_at.load(Ordering::Acquire);
+        if readmitted != UNKNOWN {
+            let elapsed = Duration::from_micros(self.micros(now).saturating_sub(readmitted));
             if elapsed < self.readmit_ramp {
                 let share = elapsed.as_secs_f64() / self.readmit_ramp.as_secs_f64();
                 return Ok(rand::rng().random::<f64>() < share.max(0.05));
