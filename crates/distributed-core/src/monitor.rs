@@ -35,17 +35,12 @@ pub trait NodeProbe: Send + Sync {
 #[derive(Debug)]
 pub struct MonitorHandle {
     tasks: Vec<JoinHandle<()>>,
-    history: Arc<LeaderHistory>,
 }
 
 impl MonitorHandle {
-    /// Stops the monitor.
+    /// Stops the monitor. (The newest leader position it saw is the router's
+    /// [`FollowerSet::leader_position`](crate::FollowerSet::leader_position).)
     pub fn stop(self) {}
-
-    /// The newest leader WAL position the monitor has seen, if any.
-    pub fn leader_position(&self) -> Option<WalPosition> {
-        self.history.latest()
-    }
 }
 
 impl Drop for MonitorHandle {
@@ -110,7 +105,7 @@ where
             }
         }));
     }
-    MonitorHandle { tasks, history }
+    MonitorHandle { tasks }
 }
 
 /// When the monitor last saw the leader at each recent WAL position.
@@ -146,11 +141,6 @@ impl LeaderHistory {
                 });
             }
         }
-    }
-
-    pub(crate) fn latest(&self) -> Option<WalPosition> {
-        let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        samples.back().map(|s| s.position)
     }
 
     /// How far behind a follower that replayed `replayed` is; `None` before the leader's
@@ -202,7 +192,6 @@ mod tests {
             h.lag_of(WalPosition(5), at(2500)),
             Some(Duration::from_millis(2500))
         );
-        assert_eq!(h.latest(), Some(WalPosition(30)));
     }
 
     /// A fake topology: the leader is at `leader`, follower 0 replays `behind` less, and can
@@ -248,7 +237,6 @@ mod tests {
         let monitor = spawn_monitor(router.clone(), probe.clone(), interval);
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(router.followers().lag(0), Some(Duration::ZERO));
-        assert_eq!(monitor.leader_position(), Some(WalPosition(100)));
         assert_eq!(router.followers().leader_position(), Some(WalPosition(100)));
 
         probe.follower_down.store(true, Ordering::SeqCst);
