@@ -20,12 +20,14 @@ const PATIENCE: Duration = Duration::from_secs(15);
 
 /// The cache servers the rig can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum CacheKind {
+    /// memcached.
     Memcached,
+    /// Redis.
     Redis,
 }
 
-impl Kind {
+impl CacheKind {
     fn name(self) -> &'static str {
         match self {
             Self::Memcached => "memcached",
@@ -67,7 +69,7 @@ fn program(name: &str, hint: &'static str) -> Result<PathBuf, RigError> {
 }
 
 /// Whether a memcached or Redis server answers its protocol's ping at `addr` within a second.
-pub(crate) async fn answers(kind: Kind, addr: &str) -> bool {
+pub(crate) async fn answers(kind: CacheKind, addr: &str) -> bool {
     let (request, answer) = kind.ping();
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
@@ -85,7 +87,7 @@ pub(crate) async fn answers(kind: Kind, addr: &str) -> bool {
 /// One cache server of a topology.
 #[derive(Debug)]
 pub(crate) struct CacheServer {
-    kind: Kind,
+    kind: CacheKind,
     program: PathBuf,
     port: u16,
     addr: String,
@@ -95,10 +97,10 @@ pub(crate) struct CacheServer {
 
 impl CacheServer {
     /// Picks the program and a free port; does not start anything.
-    pub(crate) fn new(kind: Kind, dir: &Path) -> Result<Self, RigError> {
+    pub(crate) fn new(kind: CacheKind, dir: &Path) -> Result<Self, RigError> {
         let program = match kind {
-            Kind::Memcached => memcached_program()?,
-            Kind::Redis => redis_program()?,
+            CacheKind::Memcached => memcached_program()?,
+            CacheKind::Redis => redis_program()?,
         };
         let port = process::free_port()?;
         Ok(Self {
@@ -120,7 +122,7 @@ impl CacheServer {
     }
 
     /// Where the pid is written, so a process that did not start the server can stop it.
-    pub(crate) fn pid_file(dir: &Path, kind: Kind) -> PathBuf {
+    pub(crate) fn pid_file(dir: &Path, kind: CacheKind) -> PathBuf {
         dir.join(format!("{}.pid", kind.name()))
     }
 
@@ -128,7 +130,7 @@ impl CacheServer {
         let mut cmd = Command::new(&self.program);
         let port = self.port.to_string();
         match self.kind {
-            Kind::Memcached => {
+            CacheKind::Memcached => {
                 cmd.args(["-l", "127.0.0.1", "-p", &port, "-U", "0", "-m", "64"]);
                 if rustix::process::geteuid().is_root() {
                     // memcached refuses to run as root without an account to switch to.
@@ -140,7 +142,7 @@ impl CacheServer {
                     cmd.args(["-u", account]);
                 }
             }
-            Kind::Redis => {
+            CacheKind::Redis => {
                 cmd.args(["--port", &port, "--bind", "127.0.0.1"])
                     .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
                     // Keeps the command line (and the rig directory in it) visible to pgrep.
@@ -217,7 +219,7 @@ impl CacheServer {
 }
 
 /// Stops a server started by another process, from its pid file in `dir`.
-pub(crate) fn stop_from_pid_file(dir: &Path, kind: Kind) {
+pub(crate) fn stop_from_pid_file(dir: &Path, kind: CacheKind) {
     let pid_file = CacheServer::pid_file(dir, kind);
     let pid = fs::read_to_string(&pid_file)
         .ok()
@@ -225,12 +227,66 @@ pub(crate) fn stop_from_pid_file(dir: &Path, kind: Kind) {
     if let Some(pid) = pid {
         // A recycled pid would belong to some other program: only kill what is still ours.
         let program = match kind {
-            Kind::Memcached => "memcached",
-            Kind::Redis => "redis-server",
+            CacheKind::Memcached => "memcached",
+            CacheKind::Redis => "redis-server",
         };
         if process::cmdline(pid).is_some_and(|cmd| cmd.contains(program)) {
             process::kill(pid);
         }
     }
     let _never_written = fs::remove_file(pid_file);
+}
+
+/// A memcached or Redis of a test's own, for tests that stop and restart it without
+/// disturbing the servers other tests share: on a free loopback port that it keeps across
+/// restarts, its log in a temporary directory, stopped and removed on drop.
+#[derive(Debug)]
+pub struct StandaloneCache {
+    server: CacheServer,
+    _dir: tempfile::TempDir,
+}
+
+impl StandaloneCache {
+    /// Starts one and waits until it answers.
+    ///
+    /// # Errors
+    /// When the program is missing or the server does not start.
+    pub async fn start(kind: CacheKind) -> Result<Self, RigError> {
+        let dir = tempfile::Builder::new()
+            .prefix("distributed-cache-")
+            .tempdir()
+            .map_err(|e| RigError::io("creating", Path::new("/tmp"), e))?;
+        let server = CacheServer::new(kind, dir.path())?;
+        server.start().await?;
+        Ok(Self { server, _dir: dir })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        self.server.addr()
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}", self.server.addr())
+    }
+
+    /// Kills the server.
+    pub fn stop(&self) {
+        self.server.stop();
+    }
+
+    /// Starts it again, on the same port.
+    ///
+    /// # Errors
+    /// When it does not start.
+    pub async fn restart(&self) -> Result<(), RigError> {
+        self.server.start().await
+    }
+}
+
+impl Drop for StandaloneCache {
+    fn drop(&mut self) {
+        self.server.stop();
+    }
 }

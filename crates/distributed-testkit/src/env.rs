@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     RigError, Topology, TopologyOptions,
-    cache_server::{self, Kind},
+    cache_server::{self, CacheKind},
     postgres::{Node, PgCluster, postgres_bin_dir},
     process::RunAs,
     url,
@@ -232,13 +232,13 @@ impl EnvRig {
             followers.push(in_recovery(port).await.as_deref() == Some("t"));
         }
         let memcached = match &self.memcached_addr {
-            Some(addr) => Some(cache_server::answers(Kind::Memcached, addr).await),
+            Some(addr) => Some(cache_server::answers(CacheKind::Memcached, addr).await),
             None => None,
         };
         let redis = match &self.redis_url {
             Some(redis) => {
                 let addr = format!("127.0.0.1:{}", url::port_of(redis)?);
-                Some(cache_server::answers(Kind::Redis, &addr).await)
+                Some(cache_server::answers(CacheKind::Redis, &addr).await)
             }
             None => None,
         };
@@ -263,8 +263,8 @@ impl EnvRig {
             }
         }
         cluster.stop_all_blocking();
-        cache_server::stop_from_pid_file(&cluster.dir, Kind::Memcached);
-        cache_server::stop_from_pid_file(&cluster.dir, Kind::Redis);
+        cache_server::stop_from_pid_file(&cluster.dir, CacheKind::Memcached);
+        cache_server::stop_from_pid_file(&cluster.dir, CacheKind::Redis);
         if let Err(e) = std::fs::remove_dir_all(&cluster.dir) {
             first_error.get_or_insert(RigError::io("removing", &cluster.dir, e));
         }

@@ -62,7 +62,7 @@ mod proxy;
 mod topology;
 mod url;
 
-pub use cache_server::{memcached_program, redis_program};
+pub use cache_server::{CacheKind, StandaloneCache, memcached_program, redis_program};
 pub use env::{
     EnvRig, RigHealth, memcached_or_skip, private_topology_or_skip, redis_or_skip, rig_or_skip,
 };

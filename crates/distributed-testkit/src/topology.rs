@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     EnvRig, RigError,
-    cache_server::{CacheServer, Kind},
+    cache_server::{CacheKind, CacheServer},
     env,
     postgres::{Node, PgCluster, postgres_bin_dir},
     process::{self, RunAs},
@@ -147,11 +147,13 @@ impl Topology {
         if opts.memcached {
             let memcached = rig
                 .memcached
-                .insert(CacheServer::new(Kind::Memcached, rig.dir())?);
+                .insert(CacheServer::new(CacheKind::Memcached, rig.dir())?);
             memcached.start().await?;
         }
         if opts.redis {
-            let redis = rig.redis.insert(CacheServer::new(Kind::Redis, rig.dir())?);
+            let redis = rig
+                .redis
+                .insert(CacheServer::new(CacheKind::Redis, rig.dir())?);
             redis.start().await?;
             rig.redis_url = Some(format!("redis://{}", redis.addr()));
         }
@@ -249,32 +251,32 @@ impl Topology {
 
     /// Kills memcached; its contents are lost, as in a real crash.
     pub fn stop_memcached(&self) -> Result<(), RigError> {
-        self.cache(Kind::Memcached).map(CacheServer::stop)
+        self.cache(CacheKind::Memcached).map(CacheServer::stop)
     }
 
     /// Starts memcached again, empty, on the same port.
     pub async fn start_memcached(&self) -> Result<(), RigError> {
-        self.cache(Kind::Memcached)?.start().await
+        self.cache(CacheKind::Memcached)?.start().await
     }
 
     /// Kills Redis; it keeps nothing on disk, so it comes back empty.
     pub fn stop_redis(&self) -> Result<(), RigError> {
-        self.cache(Kind::Redis).map(CacheServer::stop)
+        self.cache(CacheKind::Redis).map(CacheServer::stop)
     }
 
     /// Starts Redis again, empty, on the same port.
     pub async fn start_redis(&self) -> Result<(), RigError> {
-        self.cache(Kind::Redis)?.start().await
+        self.cache(CacheKind::Redis)?.start().await
     }
 
-    fn cache(&self, kind: Kind) -> Result<&CacheServer, RigError> {
+    fn cache(&self, kind: CacheKind) -> Result<&CacheServer, RigError> {
         let server = match kind {
-            Kind::Memcached => &self.memcached,
-            Kind::Redis => &self.redis,
+            CacheKind::Memcached => &self.memcached,
+            CacheKind::Redis => &self.redis,
         };
         server.as_ref().ok_or(RigError::Unsupported(match kind {
-            Kind::Memcached => "this topology has no memcached (TopologyOptions::memcached)",
-            Kind::Redis => "this topology has no Redis (TopologyOptions::redis)",
+            CacheKind::Memcached => "this topology has no memcached (TopologyOptions::memcached)",
+            CacheKind::Redis => "this topology has no Redis (TopologyOptions::redis)",
         }))
     }
 

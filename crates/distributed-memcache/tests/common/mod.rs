@@ -2,156 +2,49 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use distributed_memcache::conformance::ServerControl;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use distributed_testkit::StandaloneCache;
 
-/// Which server.
-#[derive(Debug, Clone, Copy)]
-pub enum Kind {
-    Memcached,
-    Redis,
-}
+pub use distributed_testkit::CacheKind as Kind;
 
-/// A memcached or Redis child process on a loopback port it keeps across restarts; killed on
-/// drop.
+/// A memcached or Redis of the test's own (the testkit's [`StandaloneCache`]), which the
+/// conformance suite can stop and start; killed on drop.
 #[derive(Debug)]
-pub struct OwnServer {
-    kind: Kind,
-    program: PathBuf,
-    port: u16,
-    child: Mutex<Option<Child>>,
-}
+pub struct OwnServer(StandaloneCache);
 
 impl OwnServer {
     /// Starts one on a free port.
     pub async fn start(kind: Kind) -> Self {
-        let program = match kind {
-            Kind::Memcached => distributed_testkit::memcached_program(),
-            Kind::Redis => distributed_testkit::redis_program(),
+        match StandaloneCache::start(kind).await {
+            Ok(server) => Self(server),
+            Err(e) => panic!("starting {kind:?}: {e}"),
         }
-        .unwrap_or_else(|e| panic!("{e}"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("no free port: {e}"));
-        let server = Self {
-            kind,
-            program,
-            port,
-            child: Mutex::new(None),
-        };
-        server.spawn().await;
-        server
     }
 
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.0.addr().to_owned()
     }
 
     /// `redis://127.0.0.1:PORT`.
     pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.0.redis_url()
     }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.program);
-        let port = self.port.to_string();
-        match self.kind {
-            Kind::Memcached => {
-                cmd.args(["-l", "127.0.0.1", "-p", &port, "-U", "0", "-m", "64"]);
-                if is_root() {
-                    cmd.args(["-u", "nobody"]);
-                }
-            }
-            Kind::Redis => {
-                cmd.args(["--port", &port, "--bind", "127.0.0.1"]).args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ]);
-            }
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd
-    }
-
-    async fn spawn(&self) {
-        let child = self
-            .command()
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {:?}: {e}", self.program));
-        *self.child.lock().unwrap() = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self.answers().await {
-            assert!(
-                Instant::now() < deadline,
-                "{:?} did not answer on {}",
-                self.kind,
-                self.addr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn answers(&self) -> bool {
-        let (request, answer): (&[u8], &[u8]) = match self.kind {
-            Kind::Memcached => (b"version\r\n", b"VERSION "),
-            Kind::Redis => (b"PING\r\n", b"+PONG"),
-        };
-        let exchange = async {
-            let mut stream = TcpStream::connect(self.addr()).await?;
-            stream.write_all(request).await?;
-            let mut reply = vec![0; answer.len()];
-            stream.read_exact(&mut reply).await?;
-            Ok::<_, std::io::Error>(reply == answer)
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), exchange).await,
-            Ok(Ok(true))
-        )
-    }
-
-    fn kill(&self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // memcached refuses to run as root without -u; /proc/self tells who we are.
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
 }
 
 #[async_trait]
 impl ServerControl for OwnServer {
     async fn stop(&self) {
-        self.kill();
+        self.0.stop();
     }
 
     async fn start(&self) {
-        self.spawn().await;
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        self.kill();
+        if let Err(e) = self.0.restart().await {
+            panic!("restarting: {e}");
+        }
     }
 }
 
