@@ -1,6 +1,6 @@
 //! `cargo xtask demo [--apply-delay-ms N] [--followers N] [-- DEMO_ARGS...]`: starts a real
 //! leader with lagging followers and memcached, runs the demo app and its scripted client
-//! against them (`crates/distributed-demo`), and tears everything down.
+//! against them (`distributed-demo`), and tears everything down.
 //!
 //! DEMO_ARGS: `--mode time|causal` (default causal), `--seconds N` (20), `--sessions N` (12).
 
