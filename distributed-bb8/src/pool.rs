@@ -113,6 +113,14 @@ impl Backend for PgBackend {
         Ok(row.try_get(0)?)
     }
 
+    async fn conn_lsn(
+        conn: &mut Self::Conn,
+        sql: &'static str,
+    ) -> Result<Option<String>, Self::Error> {
+        let row = conn.query_one(sql, &[]).await?;
+        Ok(row.try_get(0)?)
+    }
+
     fn is_unavailable(error: &Self::Error) -> bool {
         crate::error::is_unavailable(error)
     }
@@ -472,11 +480,7 @@ impl<R: Router + 'static> DistributedPool<R> {
     }
 
     async fn read_in(&self, table: Option<&str>) -> Result<ReadConnection, Error> {
-        self.inner
-            .pools
-            .read(table, ReadConnection::new)
-            .await
-            .map_err(Self::failed)
+        self.inner.pools.read(table).await.map_err(Self::failed)
     }
 
     async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, mut op: F) -> Result<T, Error>
@@ -486,9 +490,7 @@ impl<R: Router + 'static> DistributedPool<R> {
     {
         self.inner
             .pools
-            .read_with(table, |conn, decision| {
-                op(ReadConnection::new(conn, decision)).map_err(RunError::User)
-            })
+            .read_with(table, |conn| op(conn).map_err(RunError::User))
             .await
             .map_err(Self::failed)
     }

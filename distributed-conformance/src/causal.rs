@@ -449,3 +449,128 @@ pub(crate) async fn monotonic_reads_with_a_paused_follower<A: Adapter>(
         without.vanished
     );
 }
+
+/// What a scope's second request saw of the row its first request read.
+#[derive(Debug, Default)]
+struct SecondReads {
+    /// Second reads the lagging follower served.
+    lagging_follower: usize,
+    /// Second reads that did not find the row the first read found.
+    vanished: usize,
+}
+
+/// Monotonic reads record what a read *could have seen*, not what the monitor last knew of
+/// its server. The monitor's knowledge is frozen here (a probe interval of an hour) at
+/// follower 1's replay position, taken while its replay is paused; follower 0 goes on
+/// replaying past it and serves each scope's first read (a row written after follower 1
+/// froze), or the leader does (a forced read). Then only follower 1 is up. A router that
+/// recorded the first read at its server's *known* position (follower 1's, as far as the
+/// monitor knows) sends the second request to follower 1, where the row is missing; one that
+/// recorded its server's position taken after the read on the same connection does not. The
+/// same script with monotonic reads off must lose rows, or the test proves nothing.
+pub(crate) async fn monotonic_reads_record_an_upper_bound<A: Adapter>(
+    topology: &Topology,
+    apply_delay: Duration,
+) {
+    const AHEAD: usize = 0;
+    const FROZEN: usize = 1;
+    const READERS: i64 = 10;
+    let connect = |monotonic: bool| async move {
+        let config = builder(
+            topology.leader_url(),
+            topology.follower_urls(),
+            apply_delay,
+            Mode::Causal,
+        )
+        .max_follower_lag(Duration::from_secs(600))
+        .probe_interval(Duration::from_secs(3600))
+        .readmit_ramp(Duration::from_millis(1))
+        .build()
+        .expect("a valid test configuration");
+        let cache = Arc::new(SwitchableCache::default());
+        let router = Arc::new(TestRouter::causal(config.clone(), cache, monotonic));
+        connect_to::<A>(config, router, Settings::default()).await
+    };
+    let monotonic = connect(true).await;
+    let plain = connect(false).await;
+    let table = unique("upper_bound");
+    unwrap("create table", monotonic.create_table(&table).await);
+    settle(apply_delay).await;
+
+    unwrap("pause replay", topology.pause_follower_replay(FROZEN).await);
+    let probe = monotonic.probe();
+    let frozen_at = unwrap("frozen position", probe.follower_position(FROZEN).await);
+    let leader_at = unwrap("leader position", probe.leader_position().await);
+    for id in 0..READERS * 2 {
+        let writer = scope(&table, &format!("writer-{id}"));
+        unwrap(
+            "write",
+            with_scope(writer, monotonic.write(&table, id)).await,
+        );
+    }
+    fence(&monotonic, &table).await;
+    // Follower 0 has the rows now; follower 1 does not.
+    settle(apply_delay).await;
+
+    let mut outcomes = Vec::new();
+    for (pool, label) in [(&monotonic, "monotonic"), (&plain, "plain")] {
+        let set = pool.followers();
+        // What the monitor knew before the rows: both followers (and the leader) at most where
+        // follower 1 froze.
+        set.observe_replayed(AHEAD, frozen_at);
+        set.observe_replayed(FROZEN, frozen_at);
+        set.record_leader(leader_at.max(frozen_at));
+        let mut second = SecondReads::default();
+        for id in 0..READERS * 2 {
+            let reader = format!("{table}:{label}-reader-{id}");
+            set.mark_up(AHEAD);
+            set.mark_down(FROZEN);
+            // Half the first reads are routed (to follower 0), half forced to the leader.
+            let first = if id % 2 == 0 {
+                with_scope(Scope::new(reader.clone()), pool.read(&table, id)).await
+            } else {
+                with_scope(Scope::new(reader.clone()), pool.read_leader(&table, id)).await
+            };
+            let first = unwrap("first read", first);
+            assert_eq!(first.value, Some(id), "the first read finds the row");
+            assert_ne!(first.decision.target, Target::Follower(FROZEN));
+            set.mark_down(AHEAD);
+            set.mark_up(FROZEN);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let next = unwrap(
+                "second read",
+                with_scope(Scope::new(reader), pool.read(&table, id)).await,
+            );
+            if next.decision.target == Target::Follower(FROZEN) {
+                second.lagging_follower += 1;
+            }
+            if next.value.is_none() {
+                second.vanished += 1;
+            }
+        }
+        set.mark_up(AHEAD);
+        outcomes.push(second);
+    }
+    unwrap(
+        "resume replay",
+        topology.resume_follower_replay(FROZEN).await,
+    );
+    let (with, without) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(
+        (with.lagging_follower, with.vanished),
+        (0, 0),
+        "with monotonic reads, a second read never goes back behind the first: {with:?}"
+    );
+    assert!(
+        without.vanished > 0,
+        "without monotonic reads no row vanished ({without:?}): the frozen follower was not \
+         read, so this test proves nothing"
+    );
+    eprintln!(
+        "monotonic_reads_record_an_upper_bound: with monotonic reads 0 of {} second reads went \
+         back in time; without, {} of {} did",
+        READERS * 2,
+        without.vanished,
+        READERS * 2
+    );
+}

@@ -152,6 +152,26 @@ impl Router for TestRouter {
         self.router().followers()
     }
 
+    fn tracks_reads(&self) -> bool {
+        self.router().tracks_reads()
+    }
+
+    async fn record_read(
+        &self,
+        scope: &Scope,
+        table: Option<&str>,
+        decision: Decision,
+        seen: Option<WalPosition>,
+    ) {
+        self.router()
+            .record_read(scope, table, decision, seen)
+            .await;
+    }
+
+    async fn end_request(&self, scope: &Scope) {
+        self.router().end_request(scope).await;
+    }
+
     async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
         self.router().rekey(scope, key).await
     }

@@ -542,7 +542,8 @@ struct Tally {
 ///    up: a scope that read a fresh row (from the leader, or with a token from the follower
 ///    that has it) never reads the paused follower next, and when it reads the leader for it,
 ///    says why ([`Reason::MonotonicFloor`]); the same script with monotonic reads off does
-///    read the paused follower and misses the row, so the check could fail.
+///    read the paused follower and misses the row, so the check could fail. And a read is
+///    recorded at where its server was after it, not where the monitor last saw it.
 /// 2. Followers whose replay is paused are skipped as lagging ([`Reason::FollowersLagging`])
 ///    once the monitor measures them past the maximum lag, and used again once they catch up.
 /// 3. A follower crashed (`pg_ctl stop -m immediate`) in the middle of a read loop costs no
@@ -566,6 +567,7 @@ pub async fn monotonic_reads_lagging_and_crashes<A: Adapter>() {
 
     // 1. Monotonic reads.
     crate::causal::monotonic_reads_with_a_paused_follower::<A>(&topology, apply_delay).await;
+    crate::causal::monotonic_reads_record_an_upper_bound::<A>(&topology, apply_delay).await;
 
     // 2. Lagging followers; then 3. and 4., crashes, in time mode.
     let settings = Settings::default();

@@ -377,8 +377,7 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 ///   stored at most once per request (per table in per-table mode), only when it moved forward
 ///   and some follower is not yet known to be past it. A [forced](crate::force_leader) read
 ///   counts as a read of the leader. A read that only this holds on the leader (a follower
-///   could serve what the scope wrote) says so: [`Reason::MonotonicFloor`]. Precise to within
-///   the monitor's probe interval: see below.
+///   could serve what the scope wrote) says so: [`Reason::MonotonicFloor`]. Exact: see below.
 /// - **On-demand check** ([`probe_on_demand`](Self::probe_on_demand) when building, or
 ///   [`attach_probe`](Self::attach_probe) once the pool that owns the probe exists): when a
 ///   read needs a position no follower is known to have reached, the router asks the follower
@@ -394,11 +393,12 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 ///
 /// Followers' replayed positions come from the [monitor](crate::spawn_monitor): each is a lower
 /// bound, stale by up to one probe interval. Read-your-writes is exact regardless: a follower
-/// is chosen only when its *known* position has reached the write's. Monotonic reads are
-/// precise to the same interval: a read is recorded at the position its server was *known* to
-/// be at, and later reads go to servers known to be at least there; a server could have been
-/// further ahead than known (by what it replayed since its last probe), and that part is not
-/// protected. A shorter [`probe_interval`](crate::ConfigBuilder::probe_interval) tightens it.
+/// is chosen only when its *known* position has reached the write's. Monotonic reads are exact
+/// too: a read is recorded ([`Router::record_read`]) at an *upper* bound of what it could have
+/// returned, its server's position asked on the same connection after the read when the
+/// adapter releases it, and later reads go to servers *known* to be at least there. A read
+/// counts once its connection is released; the request's newest positions are stored once,
+/// when it ends ([`Router::end_request`], run by [`with_scope`](crate::with_scope)).
 ///
 /// ```
 /// use distributed_core::{CausalRouter, CausalTracker, Config, ConsistencyToken, Decision,
@@ -606,6 +606,8 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
                     scope.raise(memo_key, wrote);
                     if let Some(read) = read {
                         scope.see(memo_key, read);
+                        // Stored already: the end of the request stores only what is newer.
+                        scope.claim_read_store(memo_key, read);
                     }
                 }
                 Err(e) => {
@@ -632,7 +634,7 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         };
         let decision = self.decide(scope, need).await;
         if self.tracker().is_monotonic() {
-            self.note_read(scope, table, decision).await;
+            self.note_read(scope, table, decision);
         }
         decision
     }
@@ -718,9 +720,13 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
             .max(at_least(scope.seen(memo_key)))
     }
 
-    /// Monotonic reads: raises what the rest of the request (and, stored, the scope's later
-    /// requests) needs to the position `decision`'s server is known to be at.
-    async fn note_read(&self, scope: &Scope, table: Option<&str>, decision: Decision) {
+    /// Monotonic reads, when a read is routed: keeps the rest of the request on the follower it
+    /// chose, and raises what the rest of the request needs to where that server is *known* to
+    /// be. That is a lower bound of what the read will see, kept in memory only, for a read
+    /// routed while this one's connection is still held; what the scope has seen is recorded
+    /// (and stored for later requests) from an upper bound, in [`Router::record_read`], once
+    /// the connection is released.
+    fn note_read(&self, scope: &Scope, table: Option<&str>, decision: Decision) {
         let followers = self.followers();
         let position = match decision.target {
             Target::Follower(index) => {
@@ -731,30 +737,15 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         };
         let Some(position) = position else { return };
         let memo_key = self.inner.memo_key(table);
-        if !moved_past(self.known(scope, memo_key), position) {
-            return;
+        if decision.reason == Reason::Forced {
+            // Not the memo: a memo entry would stand in for a lookup this read skipped.
+            scope.see_everywhere(position);
+        } else if moved_past(self.known(scope, memo_key), position) {
+            scope.see(memo_key, position);
         }
-        scope.see(memo_key, position);
-        self.store_read(scope, memo_key, position).await;
     }
 
-    /// Monotonic reads after a [forced](crate::force_leader) read of the leader: the rest of
-    /// the request, whatever it reads, and (stored) the scope's later requests need at least
-    /// where the leader was known to be.
-    async fn note_forced_read(&self, scope: &Scope, table: Option<&str>) {
-        let Some(position) = self.followers().leader_position() else {
-            return;
-        };
-        let memo_key = self.inner.memo_key(table);
-        if !moved_past(self.known(scope, memo_key), position) {
-            return;
-        }
-        // Not the memo: a memo entry would stand in for a lookup this read skipped.
-        scope.see_everywhere(position);
-        self.store_read(scope, memo_key, position).await;
-    }
-
-    /// Stores that the scope read at `position`, at most once per request and memo key.
+    /// Stores that the scope read at `position`, unless it was stored (or looked up) before.
     async fn store_read(&self, scope: &Scope, memo_key: Option<&str>, position: WalPosition) {
         // Without a key there is nowhere to keep it; after a failed lookup the cache is not
         // asked again in this request; and once every follower is known past the position, no
@@ -762,7 +753,7 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
         let Some(key) = scope.key() else { return };
         if scope.cache_failed()
             || self.followers().all_replayed(position)
-            || !scope.claim_read_store(memo_key)
+            || !scope.claim_read_store(memo_key, position)
         {
             return;
         }
@@ -784,13 +775,21 @@ impl<C: Cache, P: FollowerPicker> CausalRouter<C, P> {
 #[async_trait]
 impl<C: Cache, P: FollowerPicker> Router for CausalRouter<C, P> {
     async fn route_read(&self, scope: Option<&Scope>, table: Option<&str>) -> Decision {
+        let monotonic = self.tracker().is_monotonic();
+        if let Some(scope) = scope
+            && monotonic
+        {
+            // What this scope's earlier reads saw must be known before deciding this one.
+            scope.settle().await;
+        }
         let decision = if is_leader_forced() {
+            let forced = Decision::leader(Reason::Forced);
             if let Some(scope) = scope
-                && self.tracker().is_monotonic()
+                && monotonic
             {
-                self.note_forced_read(scope, table).await;
+                self.note_read(scope, table, forced);
             }
-            Decision::leader(Reason::Forced)
+            forced
         } else if self.followers().is_empty() {
             Decision::leader(Reason::NoFollowers)
         } else {
@@ -814,6 +813,62 @@ impl<C: Cache, P: FollowerPicker> Router for CausalRouter<C, P> {
 
     fn followers(&self) -> &FollowerSet {
         self.inner.followers()
+    }
+
+    fn tracks_reads(&self) -> bool {
+        self.tracker().is_monotonic()
+    }
+
+    /// Monotonic reads: the scope has now seen data as of `seen`, an upper bound of what the
+    /// read returned; the rest of the request and (stored) the scope's later requests need at
+    /// least that. Without a position (the server did not say), the leader's current one
+    /// stands in when an on-demand probe can ask for it, else the rest of this request reads
+    /// the leader.
+    async fn record_read(
+        &self,
+        scope: &Scope,
+        table: Option<&str>,
+        decision: Decision,
+        seen: Option<WalPosition>,
+    ) {
+        if !self.tracker().is_monotonic() {
+            return;
+        }
+        let seen = match seen {
+            Some(seen) => Some(seen),
+            None => match self.probe.get() {
+                Some(probe) => tokio::time::timeout(self.probe_timeout, probe.leader_position())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            },
+        };
+        let memo_key = self.inner.memo_key(table);
+        let Some(position) = seen else {
+            metrics::counter!("distributed_read_position_failures_total").increment(1);
+            tracing::warn!(
+                "could not learn where a read's server was; this request reads the leader"
+            );
+            scope.raise(memo_key, Freshness::Leader);
+            return;
+        };
+        if decision.reason == Reason::Forced {
+            scope.see_everywhere(position);
+        } else {
+            scope.see(memo_key, position);
+        }
+    }
+
+    /// Monotonic reads: stores the newest position the request read at, per memo key, where
+    /// it moved past what the scope's earlier requests had stored.
+    async fn end_request(&self, scope: &Scope) {
+        if !self.tracker().is_monotonic() {
+            return;
+        }
+        for (memo_key, position) in scope.seen_entries() {
+            self.store_read(scope, memo_key.as_deref(), position).await;
+        }
     }
 
     /// Carries the scope's pins to the new key as [`DistributedRouter`] does and, with
@@ -1114,6 +1169,39 @@ mod tests {
         assert_eq!(users, Decision::follower(0, Reason::HealthyFollower));
     }
 
+    /// What an adapter does for one read: routes it, runs it, then records where its server was
+    /// after it (here, where the monitor last saw it: the test's servers stand still; a leader
+    /// the monitor never saw reports 0).
+    async fn read_in_request<C: Cache, P: FollowerPicker>(
+        r: &CausalRouter<C, P>,
+        scope: Option<&Scope>,
+        table: Option<&str>,
+    ) -> Decision {
+        let decision = r.route_read(scope, table).await;
+        if let Some(scope) = scope {
+            let seen = match decision.target {
+                Target::Leader => r.followers().leader_position().unwrap_or_default(),
+                Target::Follower(i) => r.followers().replayed(i).unwrap_or_default(),
+            };
+            r.record_read(scope, table, decision, Some(seen)).await;
+        }
+        decision
+    }
+
+    /// A read, and the end of its request as far as the router knows (storing what it read):
+    /// for a request of one read, or in place of the last read of a request.
+    async fn read<C: Cache, P: FollowerPicker>(
+        r: &CausalRouter<C, P>,
+        scope: Option<&Scope>,
+        table: Option<&str>,
+    ) -> Decision {
+        let decision = read_in_request(r, scope, table).await;
+        if let Some(scope) = scope {
+            r.end_request(scope).await;
+        }
+        decision
+    }
+
     #[tokio::test(start_paused = true)]
     async fn monotonic_reads_never_go_back_to_a_follower_behind_what_was_read() {
         for monotonic in [true, false] {
@@ -1126,7 +1214,7 @@ mod tests {
             r.followers().mark_down(1);
             let first = Scope::new("a");
             assert_eq!(
-                r.route_read(Some(&first), None).await.target,
+                read(&r, Some(&first), None).await.target,
                 Target::Follower(0)
             );
             r.followers().mark_up(1);
@@ -1143,6 +1231,40 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_read_counts_at_where_its_server_was_after_it_not_where_it_was_known_to_be() {
+        let (r, _) = causal(2);
+        // The monitor last saw both followers at 90.
+        r.followers().observe_replayed(0, WalPosition(90));
+        r.followers().observe_replayed(1, WalPosition(90));
+        r.followers().mark_down(1);
+        let first = Scope::new("a");
+        let d = r.route_read(Some(&first), None).await;
+        assert_eq!(d.target, Target::Follower(0));
+        // Follower 0 had replayed to 95 by then: the read may have returned data as of 95.
+        r.record_read(&first, None, d, Some(WalPosition(95))).await;
+        r.end_request(&first).await;
+        r.followers().mark_up(1);
+        r.followers().mark_down(0);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        // Follower 1, known at 90 (and perhaps really there), must not serve the next request.
+        let next = r.route_read(Some(&Scope::new("a")), None).await;
+        assert_eq!(next, Decision::leader(Reason::MonotonicFloor));
+        r.followers().observe_replayed(1, WalPosition(95));
+        let later = r.route_read(Some(&Scope::new("a")), None).await;
+        assert_eq!(later, Decision::follower(1, Reason::CaughtUpFollower));
+    }
+
+    #[tokio::test]
+    async fn a_read_whose_server_did_not_say_holds_the_rest_of_its_request_on_the_leader() {
+        let (r, _) = causal(1);
+        r.followers().observe_replayed(0, WalPosition(90));
+        let s = Scope::new("a");
+        let d = r.route_read(Some(&s), None).await;
+        r.record_read(&s, None, d, None).await;
+        assert_eq!(r.route_read(Some(&s), None).await.target, Target::Leader);
+    }
+
     /// The first read target of each of `requests` new requests of scope `key`.
     async fn futures_targets<C: Cache, P: FollowerPicker>(
         r: &CausalRouter<C, P>,
@@ -1151,7 +1273,7 @@ mod tests {
     ) -> Vec<Target> {
         let mut targets = Vec::new();
         for _ in 0..requests {
-            targets.push(r.route_read(Some(&Scope::new(key)), None).await.target);
+            targets.push(read(r, Some(&Scope::new(key)), None).await.target);
         }
         targets
     }
@@ -1162,19 +1284,16 @@ mod tests {
         r.followers().record_leader(WalPosition(500));
         r.followers().observe_replayed(0, WalPosition(400));
         let first = Scope::new("a").with_token(&ConsistencyToken::leader());
-        assert_eq!(
-            r.route_read(Some(&first), None).await.target,
-            Target::Leader
-        );
+        assert_eq!(read(&r, Some(&first), None).await.target, Target::Leader);
         let key = ScopeKey::from("a");
         assert_eq!(r.tracker().freshness(subject(&key)).await.unwrap(), at(500));
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await.target,
+            read(&r, Some(&Scope::new("a")), None).await.target,
             Target::Leader
         );
         r.followers().observe_replayed(0, WalPosition(500));
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await.target,
+            read(&r, Some(&Scope::new("a")), None).await.target,
             Target::Follower(0)
         );
     }
@@ -1185,20 +1304,17 @@ mod tests {
         r.followers().record_leader(WalPosition(500));
         r.followers().observe_replayed(0, WalPosition(400));
         let first = Scope::new("a");
-        let d = crate::force_leader(r.route_read(Some(&first), None)).await;
+        let d = crate::force_leader(read(&r, Some(&first), None)).await;
         assert_eq!(d, Decision::leader(Reason::Forced));
         // The rest of the request, and the next one, do not go back to the follower.
+        assert_eq!(read(&r, Some(&first), None).await.target, Target::Leader);
         assert_eq!(
-            r.route_read(Some(&first), None).await.target,
-            Target::Leader
-        );
-        assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await.target,
+            read(&r, Some(&Scope::new("a")), None).await.target,
             Target::Leader
         );
         r.followers().observe_replayed(0, WalPosition(500));
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await.target,
+            read(&r, Some(&Scope::new("a")), None).await.target,
             Target::Follower(0)
         );
         // Without a scope, or with monotonic reads off, a forced read records nothing.
@@ -1206,10 +1322,10 @@ mod tests {
         let r = CausalRouter::new(config(1), t.monotonic_reads(false));
         r.followers().record_leader(WalPosition(500));
         r.followers().observe_replayed(0, WalPosition(400));
-        crate::force_leader(r.route_read(Some(&Scope::new("a")), None)).await;
-        crate::force_leader(r.route_read(None, None)).await;
+        crate::force_leader(read(&r, Some(&Scope::new("a")), None)).await;
+        crate::force_leader(read(&r, None, None)).await;
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await.target,
+            read(&r, Some(&Scope::new("a")), None).await.target,
             Target::Follower(0)
         );
     }
@@ -1222,7 +1338,7 @@ mod tests {
         // Every follower is past what a read sees: nothing to remember, nothing stored.
         let s = Scope::new("a");
         for _ in 0..5 {
-            r.route_read(Some(&s), None).await;
+            read(&r, Some(&s), None).await;
         }
         assert_eq!(cache.sets.load(Ordering::SeqCst), 0);
         // Follower 1 is further: a read of it is worth storing, once per request.
@@ -1230,17 +1346,18 @@ mod tests {
         let s = Scope::new("a");
         let mut reads = Vec::new();
         for _ in 0..6 {
-            reads.push(r.route_read(Some(&s), None).await.target);
+            reads.push(read_in_request(&r, Some(&s), None).await.target);
             r.followers()
                 .observe_replayed(1, WalPosition(20 + reads.len() as u64));
         }
+        r.end_request(&s).await;
         assert!(cache.sets.load(Ordering::SeqCst) <= 1);
         // Within the request, reads stay on one follower.
         assert!(reads.windows(2).all(|w| w[0] == w[1]), "{reads:?}");
         // Anonymous scopes store nothing.
         let before = cache.sets.load(Ordering::SeqCst);
-        r.route_read(Some(&Scope::anonymous()), None).await;
-        r.route_read(None, None).await;
+        read(&r, Some(&Scope::anonymous()), None).await;
+        read(&r, None, None).await;
         assert_eq!(cache.sets.load(Ordering::SeqCst), before);
     }
 
@@ -1249,10 +1366,10 @@ mod tests {
         let (r, cache) = causal(2);
         r.followers().observe_replayed(0, WalPosition(10));
         let s = Scope::new("a");
-        r.route_read(Some(&s), None).await; // looked up while the cache works
+        read(&r, Some(&s), None).await; // looked up while the cache works
         cache.down.store(true, Ordering::SeqCst);
         r.followers().observe_replayed(0, WalPosition(20));
-        let d = r.route_read(Some(&s), None).await;
+        let d = read(&r, Some(&s), None).await;
         assert_eq!(d.target, Target::Follower(0));
     }
 
@@ -1298,7 +1415,7 @@ mod tests {
         let s = Scope::new("a");
         for _ in 0..3 {
             assert_eq!(
-                r.route_read(Some(&s), None).await,
+                read(&r, Some(&s), None).await,
                 Decision::leader(Reason::RecentWrite)
             );
         }
@@ -1313,19 +1430,19 @@ mod tests {
         probe.position.store(100, Ordering::SeqCst);
         let s = Scope::new("a");
         assert_eq!(
-            r.route_read(Some(&s), None).await,
+            read(&r, Some(&s), None).await,
             Decision::follower(1, Reason::CaughtUpFollower)
         );
         assert_eq!(probe.calls.load(Ordering::SeqCst), 2);
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await.target,
+            read(&r, Some(&Scope::new("a")), None).await.target,
             Target::Follower(1)
         );
         assert_eq!(probe.calls.load(Ordering::SeqCst), 2);
 
         // Reads that need nothing never ask.
-        r.route_read(Some(&Scope::new("b")), None).await;
-        r.route_read(None, None).await;
+        read(&r, Some(&Scope::new("b")), None).await;
+        read(&r, None, None).await;
         assert_eq!(probe.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -1342,13 +1459,13 @@ mod tests {
         probe.position.store(100, Ordering::SeqCst);
         probe.slow.store(true, Ordering::SeqCst);
         let started = tokio::time::Instant::now();
-        let d = r.route_read(Some(&Scope::new("a")), None).await;
+        let d = read(&r, Some(&Scope::new("a")), None).await;
         assert_eq!(d, Decision::leader(Reason::RecentWrite));
         assert_eq!(started.elapsed(), Duration::from_millis(20));
 
         probe.slow.store(false, Ordering::SeqCst);
         probe.failing.store(true, Ordering::SeqCst);
-        let d = r.route_read(Some(&Scope::new("a")), None).await;
+        let d = read(&r, Some(&Scope::new("a")), None).await;
         assert_eq!(d, Decision::leader(Reason::RecentWrite));
         assert!(
             r.followers().is_up(0),
@@ -1370,8 +1487,8 @@ mod tests {
         }
         r.followers().observe_replayed(0, WalPosition(400));
         r.followers().observe_replayed(1, WalPosition(420));
-        crate::force_leader(r.route_read(Some(&Scope::new("a")), None)).await;
-        r.route_read(Some(&Scope::new("a")), None).await
+        crate::force_leader(read(&r, Some(&Scope::new("a")), None)).await;
+        read(&r, Some(&Scope::new("a")), None).await
     }
 
     #[tokio::test]
@@ -1412,14 +1529,14 @@ mod tests {
         // A token from a write no follower has: a write, whoever made it.
         let job = Scope::from_token(&ConsistencyToken::at_least(WalPosition(450)));
         assert_eq!(
-            r.route_read(Some(&job), None).await,
+            read(&r, Some(&job), None).await,
             Decision::leader(Reason::RecentWrite)
         );
         // Within one request: after a leader read, the rest of it is held by the floor.
         let s = Scope::new("b");
-        crate::force_leader(r.route_read(Some(&s), None)).await;
+        crate::force_leader(read(&r, Some(&s), None)).await;
         assert_eq!(
-            r.route_read(Some(&s), None).await,
+            read(&r, Some(&s), None).await,
             Decision::leader(Reason::MonotonicFloor)
         );
         // Followers too far behind to serve anyone: that is the reason, not the floor.
@@ -1428,7 +1545,7 @@ mod tests {
         r.followers()
             .record(1, Duration::from_secs(3600), WalPosition(400));
         assert_eq!(
-            r.route_read(Some(&Scope::new("b")), None).await,
+            read(&r, Some(&Scope::new("b")), None).await,
             Decision::leader(Reason::FollowersLagging)
         );
     }
@@ -1439,10 +1556,10 @@ mod tests {
         r.followers().record_leader(WalPosition(500));
         r.followers().observe_replayed(0, WalPosition(400));
         let login = Scope::new("old");
-        crate::force_leader(r.route_read(Some(&login), None)).await;
+        crate::force_leader(read(&r, Some(&login), None)).await;
         r.rekey(&login, Some("new".into())).await.unwrap();
         assert_eq!(
-            r.route_read(Some(&Scope::new("new")), None).await,
+            read(&r, Some(&Scope::new("new")), None).await,
             Decision::leader(Reason::MonotonicFloor)
         );
         // From an earlier request of the old key, learned at the login.
@@ -1452,14 +1569,14 @@ mod tests {
         let login = Scope::new("old2");
         r.rekey(&login, Some("new2".into())).await.unwrap();
         assert_eq!(
-            r.route_read(Some(&Scope::new("new2")), None).await,
+            read(&r, Some(&Scope::new("new2")), None).await,
             Decision::leader(Reason::RecentWrite)
         );
         let key = ScopeKey::from("new");
         assert_eq!(r.tracker().freshness(subject(&key)).await.unwrap(), at(500));
         r.followers().observe_replayed(0, WalPosition(500));
         assert_eq!(
-            r.route_read(Some(&Scope::new("new")), None).await,
+            read(&r, Some(&Scope::new("new")), None).await,
             Decision::follower(0, Reason::CaughtUpFollower)
         );
     }
@@ -1475,7 +1592,7 @@ mod tests {
         let probe = Arc::new(FakeProbe::default());
         probe.position.store(100, Ordering::SeqCst);
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await,
+            read(&r, Some(&Scope::new("a")), None).await,
             Decision::leader(Reason::RecentWrite),
             "no probe yet: nobody asks the follower"
         );
@@ -1486,7 +1603,7 @@ mod tests {
             "the first probe stays"
         );
         assert_eq!(
-            r.route_read(Some(&Scope::new("a")), None).await,
+            read(&r, Some(&Scope::new("a")), None).await,
             Decision::follower(0, Reason::CaughtUpFollower)
         );
         assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
@@ -1511,10 +1628,10 @@ mod tests {
 
         let job = Scope::from_token(&payload.parse().unwrap());
         r.followers().observe_replayed(0, WalPosition(0xF));
-        assert_eq!(r.route_read(Some(&job), None).await.target, Target::Leader);
+        assert_eq!(read(&r, Some(&job), None).await.target, Target::Leader);
         r.followers().observe_replayed(0, WalPosition(0x10));
         assert_eq!(
-            r.route_read(Some(&job), None).await,
+            read(&r, Some(&job), None).await,
             Decision::follower(0, Reason::CaughtUpFollower)
         );
     }
@@ -1525,7 +1642,7 @@ mod tests {
         cache.down.store(true, Ordering::SeqCst);
         let s = Scope::new("a");
         assert_eq!(
-            r.route_read(Some(&s), None).await,
+            read(&r, Some(&s), None).await,
             Decision::leader(Reason::CacheUnavailable)
         );
         let w = Scope::new("w");
@@ -1534,7 +1651,7 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert_eq!(r.route_read(Some(&w), None).await.target, Target::Leader);
+        assert_eq!(read(&r, Some(&w), None).await.target, Target::Leader);
         assert!(r.token(&Scope::new("x")).await.is_err());
     }
 
@@ -1542,11 +1659,11 @@ mod tests {
     async fn forced_and_followerless() {
         let (r, _) = causal(0);
         assert_eq!(
-            r.route_read(None, None).await,
+            read(&r, None, None).await,
             Decision::leader(Reason::NoFollowers)
         );
         let (r, _) = causal(1);
-        let d = crate::force_leader(r.route_read(None, None)).await;
+        let d = crate::force_leader(read(&r, None, None)).await;
         assert_eq!(d, Decision::leader(Reason::Forced));
         let r: Arc<dyn Router> = Arc::new(r);
         assert_eq!(r.route_read(None, None).await.target, Target::Follower(0));

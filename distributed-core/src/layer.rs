@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Request;
-use tokio::task::futures::TaskLocalFuture;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{Scope, ScopeKey, with_scope};
+use crate::{Scope, ScopeKey, Scoped, with_scope};
 
 /// Finds the scope key of a request: a session cookie, a user id header, a tenant. Closures
 /// `Fn(&Request<B>) -> Option<ScopeKey>` are extractors; so is any type implementing this, for
@@ -116,7 +115,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = TaskLocalFuture<Scope, S::Future>;
+    type Future = Scoped<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

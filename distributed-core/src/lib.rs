@@ -93,7 +93,7 @@ pub use pools::{
 pub use recently::{CachedRouter, RecentlyUpdated, SessionCachedRouter, Subject};
 pub use router::{DistributedRouter, Router};
 pub use scope::{
-    Freshness, Scope, ScopeKey, current_scope, force_leader, is_leader_forced, with_scope,
+    Freshness, Scope, ScopeKey, Scoped, current_scope, force_leader, is_leader_forced, with_scope,
 };
 pub use token::{ConsistencyToken, MAX_TOKEN_LEN, TokenError, TokenSigner};
 pub use wal::{ParseWalPositionError, WalPosition};

@@ -46,6 +46,9 @@ use crate::{
 ///     async fn query_lsn(_pool: &Self::Pool, _sql: &'static str) -> Result<Option<String>, Self::Error> {
 ///         Ok(Some("0/16B3748".to_owned()))
 ///     }
+///     async fn conn_lsn(_conn: &mut Self::Conn, _sql: &'static str) -> Result<Option<String>, Self::Error> {
+///         Ok(Some("0/16B3748".to_owned()))
+///     }
 ///     fn is_unavailable(error: &Self::Error) -> bool {
 ///         error.kind() == std::io::ErrorKind::ConnectionRefused
 ///     }
@@ -58,7 +61,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The driver's pool of connections to one server.
     type Pool: Send + Sync + 'static;
     /// A connection taken from a pool; returned to it when dropped.
-    type Conn: Send;
+    type Conn: Send + 'static;
     /// What the driver fails with.
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -73,6 +76,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Runs `sql`, a query answering one `pg_lsn` as text (or `NULL`), on a connection of `pool`.
     fn query_lsn(
         pool: &Self::Pool,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send;
+
+    /// Runs `sql`, a query answering one `pg_lsn` as text (or `NULL`), on `conn` itself: after
+    /// whatever ran on it before, so the answer bounds what those statements saw.
+    fn conn_lsn(
+        conn: &mut Self::Conn,
         sql: &'static str,
     ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send;
 
@@ -179,6 +189,29 @@ async fn commit_position<B: Backend>(
         .unwrap_or_default();
     // The end of what was written, not past a page header no record has reached yet.
     Ok(text.parse::<WalPosition>()?.written_end())
+}
+
+/// Where the server of a read was after it, asked on the read's own connection: an upper bound
+/// of what the read returned. `None` when it would not say.
+async fn seen_position<B: Backend>(conn: &mut B::Conn, decision: Decision) -> Option<WalPosition> {
+    let sql = match decision.target {
+        Target::Leader => INSERT_LSN,
+        Target::Follower(_) => REPLAY_LSN,
+    };
+    let text = match B::conn_lsn(conn, sql).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return None,
+        Err(error) => {
+            tracing::debug!(%error, "a read's server did not report its position");
+            return None;
+        }
+    };
+    let position = text.parse::<WalPosition>().ok()?;
+    // On the leader, as for commits: the end of what was written, which followers reach.
+    Some(match decision.target {
+        Target::Leader => position.written_end(),
+        Target::Follower(_) => position,
+    })
 }
 
 /// Records writes with the router: shared by the pools and the transactions they begin.
@@ -435,28 +468,28 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
         }
     }
 
-    /// A read connection to the server chosen for the current scope (reading `table`), wrapped
-    /// by `wrap`; a follower that cannot hand one out is marked down and the next server tried.
+    /// A read connection to the server chosen for the current scope (reading `table`); a
+    /// follower that cannot hand one out is marked down and the next server tried.
+    ///
+    /// When the router [tracks reads](Router::tracks_reads) (monotonic reads), releasing the
+    /// connection asks its server where it is now, on that connection, and records it with
+    /// the router: see [`Routed`].
     ///
     /// # Errors
     /// The last attempt's failure.
-    pub async fn read<C>(
-        &self,
-        table: Option<&str>,
-        wrap: impl Fn(B::Conn, Decision) -> C,
-    ) -> Result<C, Failed<B::Error>> {
+    pub async fn read(&self, table: Option<&str>) -> Result<Routed<B::Conn>, Failed<B::Error>> {
         let scope = current_scope();
-        let wrap = &wrap;
+        let scope = scope.as_ref();
         read_with_failover(
             &*self.router,
-            scope.as_ref(),
+            scope,
             table,
             |(_, error): &(Target, B::Error)| B::is_unavailable(error),
             |decision| {
                 let acquire = B::acquire(self.pool_for(decision.target));
                 async move {
                     match acquire.await {
-                        Ok(conn) => Ok(wrap(conn, decision)),
+                        Ok(conn) => Ok(self.routed(conn, decision, scope, table)),
                         Err(error) => Err((decision.target, error)),
                     }
                 }
@@ -479,17 +512,18 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
         op: F,
     ) -> Result<T, Failed<B::Error>>
     where
-        F: FnMut(B::Conn, Decision) -> Fut,
+        F: FnMut(Routed<B::Conn>) -> Fut,
         Fut: Future<Output = Result<T, B::Error>>,
     {
         let scope = current_scope();
+        let scope = scope.as_ref();
         // read_with_failover calls its closure once per attempt; the attempt's future needs
         // `op` too, and a closure cannot lend its own captures to the future it returns.
         let op = Mutex::new(op);
         let op = &op;
         read_with_failover(
             &*self.router,
-            scope.as_ref(),
+            scope,
             table,
             |(_, error): &(Target, B::Error)| B::is_unavailable(error),
             |decision| {
@@ -497,9 +531,10 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
                 let target = decision.target;
                 async move {
                     let conn = B::acquire(pool).await.map_err(|e| (target, e))?;
+                    let conn = self.routed(conn, decision, scope, table);
                     let run = {
                         let mut op = op.lock().unwrap_or_else(PoisonError::into_inner);
-                        (*op)(conn, decision)
+                        (*op)(conn)
                     };
                     run.await.map_err(|e| (target, e))
                 }
@@ -508,6 +543,49 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
         )
         .await
         .map_err(|(target, error)| self.failed(target, error))
+    }
+
+    /// `conn`, chosen by `decision`; with monotonic reads, one that reports where its server
+    /// was after the read when it is released.
+    fn routed(
+        &self,
+        conn: B::Conn,
+        decision: Decision,
+        scope: Option<&Scope>,
+        table: Option<&str>,
+    ) -> Routed<B::Conn> {
+        let routed = Routed::new(conn, decision);
+        let Some(scope) = scope.filter(|_| self.router.tracks_reads()) else {
+            return routed;
+        };
+        let router = self.router.clone();
+        let ender = self.router.clone();
+        scope.at_end(move || {
+            Box::new(move |scope| Box::pin(async move { ender.end_request(&scope).await }))
+        });
+        let scope = scope.clone();
+        let table = table.map(str::to_owned);
+        let timeout = self.probe.timeout();
+        routed.on_release(move |mut conn| {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                // No runtime to ask the server in: the connection goes back unasked, and this
+                // request reads the leader from now on.
+                scope.raise(None, crate::Freshness::Leader);
+                return;
+            };
+            let owner = scope.clone();
+            let record = runtime.spawn(async move {
+                let seen = tokio::time::timeout(timeout, seen_position::<B>(&mut conn, decision))
+                    .await
+                    .ok()
+                    .flatten();
+                drop(conn);
+                router
+                    .record_read(&scope, table.as_deref(), decision, seen)
+                    .await;
+            });
+            owner.defer(record);
+        })
     }
 
     /// The current scope and the span of a write to `table`.
@@ -550,21 +628,44 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
 /// A connection to the server the router chose for a read, with the decision that chose it.
 /// Adapters hand it out as their `ReadConnection`; it derefs to the driver's connection.
 ///
+/// With monotonic reads, dropping it asks its server (on this connection, so after every
+/// statement that ran on it) where it is in the log, and records that with the router as what
+/// the scope has seen; the scope's next read, and the end of its request ([`with_scope`]),
+/// wait for that record. A read counts once its connection is released.
+///
 /// ```
 /// use distributed_core::{Decision, Reason, Routed, Target};
 /// let conn = Routed::new(Box::new(String::from("a connection")), Decision::follower(0, Reason::HealthyFollower));
 /// assert_eq!(conn.target(), Target::Follower(0));
 /// assert_eq!(conn.len(), 12); // derefs to what the pooled connection derefs to
 /// ```
+///
+/// [`with_scope`]: crate::with_scope
 pub struct Routed<C> {
-    conn: C,
+    /// Always `Some` until dropped.
+    conn: Option<C>,
     decision: Decision,
+    release: Option<Release<C>>,
 }
+
+/// What a [`Routed`] does with its connection when dropped.
+type Release<C> = Box<dyn FnOnce(C) + Send + Sync>;
 
 impl<C> Routed<C> {
     /// `conn`, chosen by `decision`.
     pub fn new(conn: C, decision: Decision) -> Self {
-        Self { conn, decision }
+        Self {
+            conn: Some(conn),
+            decision,
+            release: None,
+        }
+    }
+
+    /// This connection, handed to `release` instead of dropped when it is dropped.
+    #[must_use]
+    pub fn on_release(mut self, release: impl FnOnce(C) + Send + Sync + 'static) -> Self {
+        self.release = Some(Box::new(release));
+        self
     }
 
     /// Where this read went and why.
@@ -576,19 +677,42 @@ impl<C> Routed<C> {
     pub fn target(&self) -> Target {
         self.decision.target
     }
+
+    /// The pooled connection itself.
+    pub fn inner(&self) -> &C {
+        match &self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a Routed connection is taken only when dropped"),
+        }
+    }
+
+    fn conn_mut(&mut self) -> &mut C {
+        match &mut self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a Routed connection is taken only when dropped"),
+        }
+    }
+}
+
+impl<C> Drop for Routed<C> {
+    fn drop(&mut self) {
+        if let (Some(conn), Some(release)) = (self.conn.take(), self.release.take()) {
+            release(conn);
+        }
+    }
 }
 
 impl<C: std::ops::Deref> std::ops::Deref for Routed<C> {
     type Target = C::Target;
 
     fn deref(&self) -> &C::Target {
-        &self.conn
+        self.inner()
     }
 }
 
 impl<C: std::ops::DerefMut> std::ops::DerefMut for Routed<C> {
     fn deref_mut(&mut self) -> &mut C::Target {
-        &mut self.conn
+        self.conn_mut()
     }
 }
 
@@ -749,6 +873,10 @@ mod tests {
             Ok(Some(pool.fake.lsn.to_owned()))
         }
 
+        async fn conn_lsn(_: &mut usize, _: &'static str) -> Result<Option<String>, FakeError> {
+            Ok(Some("0/16B3748".to_owned()))
+        }
+
         fn is_unavailable(error: &FakeError) -> bool {
             *error == FakeError::Down
         }
@@ -849,9 +977,8 @@ mod tests {
         let fake = Fake::new(2);
         let pools = pools(&fake, 1).await;
         fake.set(1, false);
-        let read = pools.read(None, |conn, decision| (conn, decision)).await;
-        let (server, decision) = read.unwrap();
-        assert_eq!((server, decision.target), (0, Target::Leader));
+        let read = pools.read(None).await.unwrap();
+        assert_eq!((*read.inner(), read.target()), (0, Target::Leader));
         assert!(!pools.router().followers().is_up(0));
 
         // Re-admission ramps up gradually: a fresh set of pools for the second case.
@@ -859,7 +986,8 @@ mod tests {
         let pools = self::pools(&fake, 1).await;
         let mut attempts = Vec::new();
         let value = pools
-            .read_with(None, |conn, _| {
+            .read_with(None, |conn| {
+                let conn = *conn.inner();
                 attempts.push(conn);
                 async move {
                     if conn == 1 {
@@ -882,7 +1010,7 @@ mod tests {
         let pools = pools(&fake, 1).await;
         let mut calls = 0;
         let failed = pools
-            .read_with(None, |_, _| {
+            .read_with(None, |_| {
                 calls += 1;
                 async { Err::<(), _>(FakeError::Query) }
             })

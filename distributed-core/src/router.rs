@@ -15,6 +15,11 @@ use crate::{CacheError, Config, ConsistencyToken, Decision, Reason, Target, WalP
 /// An `async_trait`, so that adapters can hold `Arc<dyn Router>` as readily as a concrete type.
 /// The scope is passed explicitly (usually [`current_scope()`](crate::current_scope)), which keeps
 /// routers testable without a task-local.
+///
+/// A router that wraps another must forward every method, the provided ones included: a
+/// wrapper that left [`tracks_reads`](Self::tracks_reads), [`record_read`](Self::record_read)
+/// and [`end_request`](Self::end_request) to their defaults would silently turn the inner
+/// router's monotonic reads off.
 #[async_trait]
 pub trait Router: Send + Sync {
     /// Where a read of `table` (or of several tables: `None`) goes for `scope`.
@@ -44,6 +49,38 @@ pub trait Router: Send + Sync {
 
     /// The followers' health and lag, shared with adapters and the monitor.
     fn followers(&self) -> &FollowerSet;
+
+    /// Whether reads must report what they saw through [`record_read`](Self::record_read):
+    /// true for a router keeping monotonic reads. Adapters ask each server for its position
+    /// after a read only when it is. Default false.
+    fn tracks_reads(&self) -> bool {
+        false
+    }
+
+    /// Records that a read of `table` by `scope`, routed by `decision`, returned nothing newer
+    /// than `seen`: its server's WAL position taken on the same connection after the read
+    /// (`pg_last_wal_replay_lsn()` on a follower, `pg_current_wal_insert_lsn()` on the leader),
+    /// an upper bound of what the read could have returned. `None` when that position could
+    /// not be had; the router must then stay safe without it.
+    ///
+    /// Adapters call it when a read connection is released, before the scope's next read is
+    /// routed and before its request ends (see [`Scope::settle`]). The default does nothing.
+    async fn record_read(
+        &self,
+        scope: &Scope,
+        table: Option<&str>,
+        decision: Decision,
+        seen: Option<WalPosition>,
+    ) {
+        let _ = (scope, table, decision, seen);
+    }
+
+    /// Called once when `scope`'s request ends, after its reads were recorded: where a router
+    /// stores what the whole request read, once. Adapters arrange the call (through
+    /// [`with_scope`](crate::with_scope)); the default does nothing.
+    async fn end_request(&self, scope: &Scope) {
+        let _ = scope;
+    }
 
     /// Gives `scope` a new key (`None`: no key), carrying its pins to it: those its old key
     /// holds from earlier requests and those of this request. A visitor who wrote before having
@@ -78,6 +115,21 @@ impl<R: Router + ?Sized> Router for Arc<R> {
     }
     fn followers(&self) -> &FollowerSet {
         (**self).followers()
+    }
+    fn tracks_reads(&self) -> bool {
+        (**self).tracks_reads()
+    }
+    async fn record_read(
+        &self,
+        scope: &Scope,
+        table: Option<&str>,
+        decision: Decision,
+        seen: Option<WalPosition>,
+    ) {
+        (**self).record_read(scope, table, decision, seen).await;
+    }
+    async fn end_request(&self, scope: &Scope) {
+        (**self).end_request(scope).await;
     }
     async fn rekey(&self, scope: &Scope, key: Option<ScopeKey>) -> Result<(), CacheError> {
         (**self).rekey(scope, key).await

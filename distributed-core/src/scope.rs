@@ -7,11 +7,14 @@
 //! and a write earlier in the same request pins the rest of it even when the scope has no key
 //! yet (a visitor's first request) or the cache is down.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
+use tokio::task::JoinHandle;
 use tokio::task::futures::TaskLocalFuture;
 
 use crate::{ConsistencyToken, WalPosition};
@@ -93,8 +96,8 @@ struct State {
     cache_failed: bool,
     /// What consistency tokens given to this scope require of every read, whatever the table.
     floor: Freshness,
-    /// Causal mode: the memo keys whose read position this request already stored.
-    reads_stored: HashSet<Option<String>>,
+    /// Causal mode: the read position this request last stored, per memo key.
+    reads_stored: HashMap<Option<String>, WalPosition>,
     /// Causal mode: the follower this request first read from, kept while it is eligible.
     sticky: Option<usize>,
     /// Causal mode: whether this request already asked a follower for its position.
@@ -106,7 +109,18 @@ struct State {
     /// Causal mode, monotonic reads: the newest position a forced read of this request saw,
     /// required of every later read whatever its table.
     seen_everywhere: Option<WalPosition>,
+    /// Work a released read connection still does for this scope (asking its server where it
+    /// is, storing that): awaited before the next routing decision and before the request
+    /// ends.
+    pending: Vec<JoinHandle<()>>,
+    /// What runs once the request is done and its pending work settled: the router storing
+    /// what the request read, once.
+    at_end: Option<Finish>,
 }
+
+/// What a router does at the end of a scope's request.
+pub(crate) type Finish =
+    Box<dyn FnOnce(Scope) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl fmt::Debug for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -261,9 +275,22 @@ impl Scope {
         entries
     }
 
-    /// Whether this request may store a read position for `memo_key`: true the first time only.
-    pub(crate) fn claim_read_store(&self, memo_key: Option<&str>) -> bool {
-        self.lock().reads_stored.insert(memo_key.map(str::to_owned))
+    /// Whether this request should store `position` as a read position for `memo_key`: true
+    /// when it is newer than what the request stored for it before.
+    pub(crate) fn claim_read_store(&self, memo_key: Option<&str>, position: WalPosition) -> bool {
+        let mut state = self.lock();
+        let stored = state.reads_stored.entry(memo_key.map(str::to_owned));
+        match stored {
+            std::collections::hash_map::Entry::Occupied(mut slot) if *slot.get() < position => {
+                slot.insert(position);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(position);
+                true
+            }
+        }
     }
 
     pub(crate) fn sticky(&self) -> Option<usize> {
@@ -277,6 +304,49 @@ impl Scope {
     /// Whether this request may ask a follower for its position: true the first time only.
     pub(crate) fn claim_probe(&self) -> bool {
         !std::mem::replace(&mut self.lock().probed, true)
+    }
+
+    /// Hands this scope work that must finish before its next read is routed and before its
+    /// request ends: recording what a released read connection saw.
+    pub(crate) fn defer(&self, work: JoinHandle<()>) {
+        let mut state = self.lock();
+        state.pending.retain(|handle| !handle.is_finished());
+        state.pending.push(work);
+    }
+
+    /// Waits for what this scope's released read connections still record (see
+    /// [`with_scope`], which calls it when its future ends). Routers call it before deciding.
+    pub async fn settle(&self) {
+        loop {
+            let pending = std::mem::take(&mut self.lock().pending);
+            if pending.is_empty() {
+                return;
+            }
+            for handle in pending {
+                // A panicked recording task recorded nothing; the router already raised
+                // what it could before spawning it.
+                let _ = handle.await;
+            }
+        }
+    }
+
+    /// Runs `finish` once this scope's request is done (by [`with_scope`]), unless something
+    /// was registered before.
+    pub(crate) fn at_end(&self, finish: impl FnOnce() -> Finish) {
+        let mut state = self.lock();
+        if state.at_end.is_none() {
+            state.at_end = Some(finish());
+        }
+    }
+
+    /// Settles, then runs what was the router registered (storing what the request read): for callers
+    /// that run a scope's request without [`with_scope`].
+    pub async fn finish(&self) {
+        self.settle().await;
+        let finish = self.lock().at_end.take();
+        if let Some(finish) = finish {
+            finish(self.clone()).await;
+        }
     }
 
     pub(crate) fn cache_failed(&self) -> bool {
@@ -297,7 +367,9 @@ impl Scope {
     }
 }
 
-/// Runs `future` with `scope` as the [`current_scope`].
+/// Runs `future` with `scope` as the [`current_scope`]; once it is done, waits for what its
+/// released read connections still record (monotonic reads: where each server was after the
+/// read), so a request's reads count before its response leaves.
 ///
 /// ```
 /// use distributed_core::{current_scope, with_scope, Scope};
@@ -313,8 +385,62 @@ impl Scope {
 /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
 /// # }
 /// ```
-pub fn with_scope<F: Future>(scope: Scope, future: F) -> TaskLocalFuture<Scope, F> {
-    CURRENT.scope(scope, future)
+pub fn with_scope<F: Future>(scope: Scope, future: F) -> Scoped<F> {
+    Scoped {
+        inner: CURRENT.scope(scope.clone(), future),
+        scope,
+        output: None,
+        finish: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`with_scope`]: `F` inside the scope, then [`Scope::finish`].
+    pub struct Scoped<F: Future> {
+        #[pin]
+        inner: TaskLocalFuture<Scope, F>,
+        scope: Scope,
+        output: Option<F::Output>,
+        finish: Option<futures_util::future::BoxFuture<'static, ()>>,
+    }
+}
+
+impl<F: Future> fmt::Debug for Scoped<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scoped")
+            .field("scope", &self.scope)
+            .field("done", &self.output.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        if this.output.is_none() {
+            match this.inner.as_mut().poll(cx) {
+                Poll::Ready(output) => {
+                    *this.output = Some(output);
+                    let scope = this.scope.clone();
+                    *this.finish = Some(Box::pin(async move { scope.finish().await }));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if let Some(finish) = this.finish.as_mut() {
+            if finish.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            *this.finish = None;
+        }
+        match this.output.take() {
+            Some(output) => Poll::Ready(output),
+            // Polled again after it completed: as for any future, a caller's bug.
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// The scope of the running task, if it runs inside [`with_scope`].
@@ -434,9 +560,14 @@ mod tests {
         let s = Scope::new("a");
         assert!(s.claim_probe());
         assert!(!s.claim_probe());
-        assert!(s.claim_read_store(None));
-        assert!(!s.claim_read_store(None));
-        assert!(s.claim_read_store(Some("t")));
+        assert!(s.claim_read_store(None, WalPosition(5)));
+        assert!(!s.claim_read_store(None, WalPosition(5)));
+        assert!(!s.claim_read_store(None, WalPosition(4)));
+        assert!(
+            s.claim_read_store(None, WalPosition(6)),
+            "a newer position is stored again"
+        );
+        assert!(s.claim_read_store(Some("t"), WalPosition(1)));
         s.set_sticky(1);
         s.set_sticky(0);
         assert_eq!(s.sticky(), Some(1));

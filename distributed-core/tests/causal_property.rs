@@ -157,16 +157,6 @@ struct ScopeState {
     floor: u64,
 }
 
-/// What the router knew of the server a decision sent a read to.
-fn known(router: &dyn Router, target: Target) -> u64 {
-    let followers = router.followers();
-    match target {
-        Target::Leader => followers.leader_position(),
-        Target::Follower(index) => followers.replayed(index),
-    }
-    .map_or(0, |p| p.0)
-}
-
 struct Case {
     world: Arc<Mutex<World>>,
     routers: Routers,
@@ -186,7 +176,6 @@ impl Case {
         forced: bool,
     ) -> Result<(), String> {
         let mut request_floor = 0;
-        let mut first: Option<u64> = None;
         for n in 0..reads {
             let route = self.router.route_read(Some(request), None);
             let d = if forced && n == 0 {
@@ -195,10 +184,7 @@ impl Case {
                 route.await
             };
             let state = self.scopes[scope];
-            let (seen, known) = {
-                let world = self.world.lock().unwrap();
-                (world.seen(d.target), known(&*self.router, d.target))
-            };
+            let seen = self.world.lock().unwrap().seen(d.target);
             if seen < state.last_write {
                 return Err(format!(
                     "scope {scope} read {:?} ({}) at {seen}, before its own write at {}",
@@ -212,16 +198,19 @@ impl Case {
                     d.target, d.reason
                 ));
             }
-            request_floor = request_floor.max(known);
-            first.get_or_insert(known);
+            // What an adapter does when the read's connection is released: its server's
+            // position after the read, which here is exactly what it returned.
+            self.router
+                .record_read(request, None, d, Some(WalPosition(seen)))
+                .await;
+            request_floor = request_floor.max(seen);
         }
-        // The first read's position is stored for later requests, unless the cache could not
-        // be asked in this request.
-        if let Some(known) = first
-            && !self.cache.is_failing()
-        {
+        self.router.end_request(request).await;
+        // What the request saw is stored for later requests, unless the cache could not be
+        // asked in this request.
+        if reads > 0 && !self.cache.is_failing() {
             let state = &mut self.scopes[scope];
-            state.floor = state.floor.max(known);
+            state.floor = state.floor.max(request_floor);
         }
         Ok(())
     }

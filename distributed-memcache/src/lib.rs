@@ -44,7 +44,7 @@
 //!   router then reads the leader. When the server is back the backend reconnects by itself.
 //! - **Times to live** never expire early; see [`MemcacheCache`] for memcached's whole seconds.
 //!
-//! The same [`conformance`] suite (feature `conformance`) checks all of this against
+//! The same `conformance` suite (feature `conformance`) checks all of this against
 //! `MemoryCache`, memcached and Redis.
 //!
 //! # Which memcached client

@@ -78,6 +78,13 @@ impl Backend for PgBackend {
         sqlx::query_scalar(sql).fetch_one(pool).await
     }
 
+    async fn conn_lsn(
+        conn: &mut Self::Conn,
+        sql: &'static str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar(sql).fetch_one(&mut **conn).await
+    }
+
     fn is_unavailable(error: &sqlx::Error) -> bool {
         crate::error::is_unavailable(error)
     }
@@ -421,23 +428,17 @@ impl<R: Router + 'static> DistributedPool<R> {
     }
 
     async fn read_in(&self, table: Option<&str>) -> Result<ReadConnection, Error> {
-        self.inner
-            .pools
-            .read(table, ReadConnection::new)
-            .await
-            .map_err(Self::failed)
+        self.inner.pools.read(table).await.map_err(Self::failed)
     }
 
-    async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, mut op: F) -> Result<T, Error>
+    async fn read_with_in<T, F, Fut>(&self, table: Option<&str>, op: F) -> Result<T, Error>
     where
         F: FnMut(ReadConnection) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
         self.inner
             .pools
-            .read_with(table, |conn, decision| {
-                op(ReadConnection::new(conn, decision))
-            })
+            .read_with(table, op)
             .await
             .map_err(Self::failed)
     }
