@@ -7,6 +7,11 @@ use std::time::Duration;
 /// milliseconds, say), not a real setting: a day of pinning is "always read the leader".
 pub const MAX_LAG_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The longest any other timing setting may be, here and in the adapters' pool builders
+/// (probe interval, back-off, re-admission ramp, timeouts): a day. Longer is a unit mistaken,
+/// and no arithmetic on a setting within it can overflow.
+pub const MAX_TIMING: Duration = MAX_LAG_WINDOW;
+
 /// One database server: a name for logs and metrics, and a connection string for the adapter.
 ///
 /// The `Debug` and `Display` forms never show a password (see [`redact_url`]).
@@ -138,6 +143,9 @@ pub enum ConfigError {
     /// A timing setting other than the lag window is zero.
     #[error("`{0}` must be greater than zero")]
     ZeroDuration(&'static str),
+    /// A timing setting other than the lag window is longer than [`MAX_TIMING`].
+    #[error("`{0}` of {1:?} is longer than a day; was a unit mistaken?")]
+    DurationTooLong(&'static str, Duration),
 }
 
 /// A validated topology and its timing settings. Build one with [`Config::builder`].
@@ -265,6 +273,7 @@ impl ConfigBuilder {
 
     /// Followers measured further behind than this are skipped. Default: the lag window, so that
     /// a follower lagging past the window cannot serve a read that the window let through.
+    /// Zero and more than [`MAX_TIMING`] are rejected, as for every timing setting below.
     pub fn max_follower_lag(mut self, lag: Duration) -> Self {
         self.max_follower_lag = Some(lag);
         self
@@ -333,9 +342,7 @@ impl ConfigBuilder {
             ("probe_interval", self.probe_interval),
             ("probe_backoff_max", self.probe_backoff_max),
         ] {
-            if value.is_zero() {
-                return Err(ConfigError::ZeroDuration(name));
-            }
+            check_timing(name, value)?;
         }
         Ok(Config {
             leader,
@@ -348,6 +355,17 @@ impl ConfigBuilder {
             probe_backoff_max: self.probe_backoff_max,
         })
     }
+}
+
+/// A timing setting must be above zero and at most [`MAX_TIMING`].
+pub(crate) fn check_timing(name: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::ZeroDuration(name));
+    }
+    if value > MAX_TIMING {
+        return Err(ConfigError::DurationTooLong(name, value));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -425,6 +443,45 @@ mod tests {
     #[test]
     fn a_day_is_the_longest_window_accepted() {
         assert!(base().lag_window(MAX_LAG_WINDOW).build().is_ok());
+    }
+
+    /// Every duration setting, through zero, the longest accepted, one past it and
+    /// `Duration::MAX`: each builds or is a typed error naming it, and what builds can be
+    /// used (see the monitor's test of the extremes).
+    #[test]
+    fn every_duration_setting_is_bounded_at_both_ends() {
+        type Set = fn(ConfigBuilder, Duration) -> ConfigBuilder;
+        let settings: [(&str, Set); 5] = [
+            ("max_follower_lag", ConfigBuilder::max_follower_lag),
+            ("cache_timeout", ConfigBuilder::cache_timeout),
+            ("readmit_ramp", ConfigBuilder::readmit_ramp),
+            ("probe_interval", ConfigBuilder::probe_interval),
+            ("probe_backoff_max", ConfigBuilder::probe_backoff_max),
+        ];
+        let past = MAX_TIMING + Duration::from_nanos(1);
+        for (name, set) in settings {
+            assert_eq!(
+                set(base(), Duration::ZERO).build().unwrap_err(),
+                ConfigError::ZeroDuration(name)
+            );
+            assert!(
+                set(base(), Duration::from_nanos(1)).build().is_ok(),
+                "{name}"
+            );
+            assert!(set(base(), MAX_TIMING).build().is_ok(), "{name}");
+            assert_eq!(
+                set(base(), past).build().unwrap_err(),
+                ConfigError::DurationTooLong(name, past)
+            );
+            assert_eq!(
+                set(base(), Duration::MAX).build().unwrap_err(),
+                ConfigError::DurationTooLong(name, Duration::MAX)
+            );
+        }
+        assert_eq!(
+            base().lag_window(Duration::MAX).build().unwrap_err(),
+            ConfigError::LagWindowTooLong(Duration::MAX)
+        );
     }
 
     #[test]

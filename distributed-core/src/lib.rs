@@ -74,12 +74,15 @@ mod pools;
 mod recently;
 mod router;
 mod scope;
+mod supervise;
 mod token;
 mod wal;
 
 pub use cache::{BoxError, Cache, CacheError, MemoryCache, SwitchableCache};
 pub use causal::{CausalRouter, CausalTracker};
-pub use config::{Config, ConfigBuilder, ConfigError, MAX_LAG_WINDOW, Node, redact_url};
+pub use config::{
+    Config, ConfigBuilder, ConfigError, MAX_LAG_WINDOW, MAX_TIMING, Node, redact_url,
+};
 pub use decision::{Decision, Reason, Target};
 pub use failover::{READ_ONLY_SQLSTATE, is_unavailable_sqlstate, read_with_failover};
 pub use health::{FollowerPicker, FollowerSet, RandomPicker, RoundRobinPicker};
@@ -95,5 +98,6 @@ pub use router::{DistributedRouter, Router};
 pub use scope::{
     Freshness, Scope, ScopeKey, Scoped, current_scope, force_leader, is_leader_forced, with_scope,
 };
+pub use supervise::spawn_supervised;
 pub use token::{ConsistencyToken, MAX_TOKEN_LEN, TokenError, TokenSigner};
 pub use wal::{ParseWalPositionError, WalPosition};

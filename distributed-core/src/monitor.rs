@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::cache::BoxError;
-use crate::{Router, WalPosition};
+use crate::{Router, WalPosition, spawn_supervised};
 
 /// What the monitor asks of a database adapter: two cheap queries.
 ///
@@ -51,8 +51,16 @@ impl Drop for MonitorHandle {
     }
 }
 
+/// The shortest probe interval [`spawn_monitor`] uses; a shorter one (zero, say) is raised to it.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Starts monitoring `router`'s followers through `probe`, every
-/// [`Config::probe_interval`](crate::Config::probe_interval) (passed as `interval`).
+/// [`Config::probe_interval`](crate::Config::probe_interval) (passed as `interval`; at least
+/// 1 ms). Each probe waits at most four intervals (at least 1 s) for its answer.
+///
+/// The probing tasks are [supervised](crate::spawn_supervised): a panic in one (in a probe,
+/// say) is logged, counted and the task restarted, so the followers' health never silently
+/// stops being watched.
 ///
 /// Must be called inside a tokio runtime.
 pub fn spawn_monitor<R, P>(router: Arc<R>, probe: Arc<P>, interval: Duration) -> MonitorHandle
@@ -61,47 +69,56 @@ where
     P: NodeProbe + ?Sized + 'static,
 {
     let history = Arc::new(LeaderHistory::default());
-    let timeout = (interval * 4).max(Duration::from_secs(1));
+    // A zero interval would make tokio's ticker panic; a huge one must not overflow the timeout.
+    let interval = interval.max(MIN_PROBE_INTERVAL);
+    let timeout = interval.saturating_mul(4).max(Duration::from_secs(1));
     let mut tasks = Vec::with_capacity(router.followers().len() + 1);
     {
         let (router, probe, history) = (router.clone(), probe.clone(), history.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                match tokio::time::timeout(timeout, probe.leader_position()).await {
-                    Ok(Ok(position)) => {
-                        history.observe(position, Instant::now());
-                        // Causal mode's monotonic reads: where a read of the leader is known to be.
-                        router.followers().record_leader(position);
+        tasks.push(spawn_supervised("leader_position_probe", move || {
+            let (router, probe, history) = (router.clone(), probe.clone(), history.clone());
+            async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    match tokio::time::timeout(timeout, probe.leader_position()).await {
+                        Ok(Ok(position)) => {
+                            history.observe(position, Instant::now());
+                            // Causal mode's monotonic reads: where a read of the leader is known to be.
+                            router.followers().record_leader(position);
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "leader position probe failed"),
+                        Err(_) => tracing::debug!("leader position probe timed out"),
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "leader position probe failed"),
-                    Err(_) => tracing::debug!("leader position probe timed out"),
                 }
             }
         }));
     }
     for index in 0..router.followers().len() {
         let (router, probe, history) = (router.clone(), probe.clone(), history.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let outcome = tokio::time::timeout(timeout, probe.follower_position(index)).await;
-                let followers = router.followers();
-                match outcome {
-                    Ok(Ok(replayed)) => {
-                        followers.mark_up(index);
-                        if let Some(lag) = history.lag_of(replayed, Instant::now()) {
-                            followers.record(index, lag, replayed);
+        tasks.push(spawn_supervised("follower_probe", move || {
+            let (router, probe, history) = (router.clone(), probe.clone(), history.clone());
+            async move {
+                loop {
+                    let outcome =
+                        tokio::time::timeout(timeout, probe.follower_position(index)).await;
+                    let followers = router.followers();
+                    match outcome {
+                        Ok(Ok(replayed)) => {
+                            followers.mark_up(index);
+                            if let Some(lag) = history.lag_of(replayed, Instant::now()) {
+                                followers.record(index, lag, replayed);
+                            }
                         }
+                        Ok(Err(e)) => {
+                            tracing::debug!(follower = followers.name(index), error = %e, "probe failed");
+                            followers.mark_down(index);
+                        }
+                        Err(_) => followers.mark_down(index),
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(follower = followers.name(index), error = %e, "probe failed");
-                        followers.mark_down(index);
-                    }
-                    Err(_) => followers.mark_down(index),
+                    tokio::time::sleep(followers.next_probe_in(index)).await;
                 }
-                tokio::time::sleep(followers.next_probe_in(index)).await;
             }
         }));
     }
@@ -268,5 +285,78 @@ mod tests {
             Reason::FollowersLagging
         );
         monitor.stop();
+    }
+
+    /// Panics on its first `panics` calls of each kind, then answers like [`FakeProbe`].
+    struct PanickyProbe {
+        panics: AtomicU64,
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl NodeProbe for PanickyProbe {
+        async fn leader_position(&self) -> Result<WalPosition, BoxError> {
+            Ok(WalPosition(100))
+        }
+        async fn follower_position(&self, _: usize) -> Result<WalPosition, BoxError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self
+                .panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                panic!("a probe bug");
+            }
+            Err("connection refused".into())
+        }
+    }
+
+    fn one_follower(
+        interval: Duration,
+    ) -> Arc<DistributedRouter<SessionCachedRouter<MemoryCache>>> {
+        let config = Config::builder()
+            .leader("l", "l")
+            .follower("f", "f")
+            .probe_interval(interval)
+            .build()
+            .unwrap();
+        let pins = SessionCachedRouter::new(MemoryCache::new(), config.lag_window());
+        Arc::new(DistributedRouter::new(config, pins))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_probe_restarts_its_task_instead_of_ending_the_watch() {
+        let router = one_follower(Duration::from_millis(100));
+        let probe = Arc::new(PanickyProbe {
+            panics: AtomicU64::new(2),
+            calls: AtomicU64::new(0),
+        });
+        let monitor = spawn_monitor(router.clone(), probe.clone(), Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Two panicking runs, then probes that find the follower down, as they should.
+        assert!(probe.calls.load(Ordering::SeqCst) >= 3);
+        assert!(!router.followers().is_up(0));
+        monitor.stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extreme_intervals_neither_panic_nor_stop_the_probes() {
+        for interval in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            crate::MAX_TIMING,
+            Duration::MAX,
+        ] {
+            let router = one_follower(Duration::from_millis(100));
+            let probe = Arc::new(PanickyProbe {
+                panics: AtomicU64::new(0),
+                calls: AtomicU64::new(0),
+            });
+            let monitor = spawn_monitor(router.clone(), probe.clone(), interval);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(probe.calls.load(Ordering::SeqCst) >= 1, "{interval:?}");
+            assert!(!router.followers().is_up(0), "{interval:?}");
+            monitor.stop();
+        }
     }
 }

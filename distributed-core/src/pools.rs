@@ -110,9 +110,11 @@ pub trait Backend: Send + Sync + 'static {
 pub struct PoolSettings {
     /// Connections per server and role. Default 10; at least 1.
     pub max_connections: u32,
-    /// How long a leader connection is waited for. Default 5 s.
+    /// How long a leader connection is waited for. Default 5 s; above zero and at most
+    /// [`MAX_TIMING`](crate::MAX_TIMING), or [`connect`](RoutedPools::connect) refuses it.
     pub acquire_timeout: Duration,
-    /// How long a follower connection is waited for before the next server is tried. Default 1 s.
+    /// How long a follower connection is waited for before the next server is tried. Default
+    /// 1 s; bounded as `acquire_timeout`.
     pub follower_acquire_timeout: Duration,
     /// Ask the leader for its WAL position after each write. Default off.
     pub track_commit_position: bool,
@@ -339,8 +341,9 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
                 settings.follower_acquire_timeout,
             ),
         ] {
-            if value.is_zero() {
-                return Err(ConnectError::Config(ConfigError::ZeroDuration(name)).into());
+            // Drivers add these to `Instant::now()`: `Duration::MAX` would panic in them.
+            if let Err(error) = crate::config::check_timing(name, value) {
+                return Err(ConnectError::Config(error).into());
             }
         }
         if router.followers().len() != config.followers().len() {
@@ -947,6 +950,45 @@ mod tests {
             })
         ));
         assert!(!built.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn every_pool_timeout_is_refused_at_zero_and_past_a_day() {
+        type Set = fn(&mut PoolSettings, Duration);
+        let settings: [(&str, Set); 2] = [
+            ("acquire_timeout", |s, d| s.acquire_timeout = d),
+            ("follower_acquire_timeout", |s, d| {
+                s.follower_acquire_timeout = d
+            }),
+        ];
+        let c = config(1);
+        for (name, set) in settings {
+            for value in [
+                Duration::ZERO,
+                crate::MAX_TIMING + Duration::from_nanos(1),
+                Duration::MAX,
+            ] {
+                let mut bad = quiet();
+                set(&mut bad, value);
+                let build = |_: &Config| Ok::<_, ConnectError<FakeError>>(Fake::new(2));
+                let refused = RoutedPools::connect(c.clone(), router(&c), bad, build).await;
+                let Err(ConnectError::Config(error)) = refused else {
+                    panic!("{name} = {value:?} was accepted");
+                };
+                assert!(
+                    matches!(error, ConfigError::ZeroDuration(n) | ConfigError::DurationTooLong(n, _) if n == name),
+                    "{name} = {value:?}: {error:?}"
+                );
+            }
+            let mut longest = quiet();
+            set(&mut longest, crate::MAX_TIMING);
+            let fake = Fake::new(2);
+            let pools = RoutedPools::connect(c.clone(), router(&c), longest, |_| {
+                Ok::<_, ConnectError<FakeError>>(fake)
+            })
+            .await;
+            assert!(pools.is_ok(), "{name} = a day");
+        }
     }
 
     #[tokio::test]

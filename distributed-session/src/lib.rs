@@ -130,4 +130,6 @@ pub use layer::{SessionCookie, SessionScopeLayer, SessionScopeService, session_c
 pub use pin::PinCarrier;
 pub use postgres::{MIGRATION, PgSessions};
 pub use record::{SessionData, SessionRecord};
-pub use store::{DeadWrite, StoreStats, WriteBehindBuilder, WriteBehindStore};
+pub use store::{
+    DeadWrite, MAX_DURATION_SETTING, StoreStats, WriteBehindBuilder, WriteBehindStore,
+};

@@ -257,6 +257,27 @@ impl Outbox {
         }
     }
 
+    /// Puts back in the queue, first, every change the writer took and never reported on (a
+    /// writer that panicked mid-batch): the next run writes them again.
+    pub(crate) fn requeue_in_flight(&self) {
+        let mut state = self.lock();
+        let taken: Vec<SessionId> = state
+            .slots
+            .iter_mut()
+            .filter(|(_, slot)| slot.in_flight)
+            .map(|(id, slot)| {
+                slot.in_flight = false;
+                slot.queued = true;
+                *id
+            })
+            .collect();
+        for id in taken {
+            state.enqueue(id, true);
+        }
+        drop(state);
+        self.work.notify_one();
+    }
+
     /// Up to `max` changes to write, oldest first.
     pub(crate) fn take(&self, max: usize) -> Vec<Item> {
         let mut state = self.lock();

@@ -24,6 +24,11 @@ const REPAIR_CHUNK: usize = 1000;
 /// Per-session locks, striped: saves, deletes and cache refills of one session are ordered.
 const STRIPES: usize = 256;
 
+/// The longest any duration setting of [`WriteBehindBuilder`] may be: a year. Longer is a unit
+/// mistaken, and within it no deadline the engine computes can overflow;
+/// [`build`](WriteBehindBuilder::build) refuses more with [`SessionError::Config`].
+pub const MAX_DURATION_SETTING: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// A write given up after the retry bound, as handed to the
 /// [`on_dead_write`](WriteBehindBuilder::on_dead_write) hook.
 ///
@@ -127,6 +132,52 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Every setting within its range: what [`WriteBehindBuilder::build`] checks.
+    fn validate(&self) -> Result<(), SessionError> {
+        if self.capacity == 0 || self.batch_size == 0 {
+            return Err(SessionError::Config(
+                "capacity and batch size must be at least 1",
+            ));
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return Err(SessionError::Config(
+                "retry backoff must start above zero and not exceed its maximum",
+            ));
+        }
+        if self.cache_timeout.is_zero() || self.db_timeout.is_zero() {
+            return Err(SessionError::Config(
+                "the cache and database timeouts must be above zero",
+            ));
+        }
+        if self.cleanup_interval.is_some_and(|every| every.is_zero()) {
+            return Err(SessionError::Config(
+                "the cleanup interval must be above zero (None turns cleanup off)",
+            ));
+        }
+        let longest = [
+            self.backpressure_timeout,
+            self.retry_max,
+            self.give_up_after,
+            self.cache_timeout,
+            self.db_timeout,
+            self.cache_ttl,
+            self.tombstone_ttl,
+            self.cleanup_interval.unwrap_or_default(),
+            self.cache_retry_after.unwrap_or_default(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or_default();
+        if longest > MAX_DURATION_SETTING {
+            return Err(SessionError::Config(
+                "a duration setting is longer than a year (MAX_DURATION_SETTING); was a unit mistaken?",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Configures and starts a [`WriteBehindStore`]; from [`WriteBehindStore::builder`].
 pub struct WriteBehindBuilder<C, D> {
     cache: C,
@@ -161,7 +212,8 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
         self
     }
 
-    /// How long a save waits for room in a full outbox before writing through (default 250 ms).
+    /// How long a save waits for room in a full outbox before writing through (default 250 ms;
+    /// zero writes through at once).
     #[must_use]
     pub fn backpressure_timeout(mut self, timeout: Duration) -> Self {
         self.settings.backpressure_timeout = timeout;
@@ -169,7 +221,8 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
     }
 
     /// The writer's backoff while the database fails: `initial`, doubling up to `max`, each
-    /// wait drawn between half and all of that (default 50 ms to 5 s).
+    /// wait drawn between half and all of that (default 50 ms to 5 s). `initial` must be above
+    /// zero and `max` at least `initial`.
     #[must_use]
     pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.settings.retry_initial = initial;
@@ -178,21 +231,22 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
     }
 
     /// How long a change may wait for the database, failing, before it is given up and
-    /// reported as dead (default 5 minutes).
+    /// reported as dead (default 5 minutes; zero gives a change up at its first failure).
     #[must_use]
     pub fn give_up_after(mut self, bound: Duration) -> Self {
         self.settings.give_up_after = bound;
         self
     }
 
-    /// The timeout of each cache call (default 250 ms); past it the cache counts as down.
+    /// The timeout of each cache call (default 250 ms; above zero); past it the cache counts as
+    /// down.
     #[must_use]
     pub fn cache_timeout(mut self, timeout: Duration) -> Self {
         self.settings.cache_timeout = timeout;
         self
     }
 
-    /// The timeout of each database call (default 5 s).
+    /// The timeout of each database call (default 5 s; above zero).
     #[must_use]
     pub fn db_timeout(mut self, timeout: Duration) -> Self {
         self.settings.db_timeout = timeout;
@@ -214,7 +268,8 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
         self
     }
 
-    /// The longest a session stays in the cache (default 1 hour; never past its expiry).
+    /// The longest a session stays in the cache (default 1 hour; never past its expiry, and at
+    /// least a second).
     #[must_use]
     pub fn cache_ttl(mut self, ttl: Duration) -> Self {
         self.settings.cache_ttl = ttl;
@@ -246,7 +301,8 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
     }
 
     /// How often expired sessions are removed from the database (default every 5 minutes;
-    /// `None` turns the task off).
+    /// `None` turns the task off; `Some(Duration::ZERO)` is refused by
+    /// [`build`](Self::build)).
     #[must_use]
     pub fn cleanup_interval(mut self, interval: Option<Duration>) -> Self {
         self.settings.cleanup_interval = interval;
@@ -270,24 +326,21 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
         self
     }
 
-    /// Starts the writer and maintenance tasks on the current tokio runtime.
+    /// Starts the writer and maintenance tasks on the current tokio runtime. Both are
+    /// [supervised](distributed_core::spawn_supervised): a panic in one is logged, counted
+    /// (`distributed_task_restarts_total`) and the task restarted; the writer then retries
+    /// the batch it was writing.
     ///
     /// # Errors
-    /// [`SessionError::Config`] for a zero capacity or batch size, or outside a runtime.
+    /// [`SessionError::Config`] for a zero capacity or batch size, a zero timeout or cleanup
+    /// interval, a backoff that starts at zero or ends below its start, any duration longer
+    /// than [`MAX_DURATION_SETTING`], or outside a runtime.
     pub fn build(self) -> Result<WriteBehindStore<C, D>, SessionError> {
         let mut settings = self.settings;
-        if settings.capacity == 0 || settings.batch_size == 0 {
-            return Err(SessionError::Config(
-                "capacity and batch size must be at least 1",
-            ));
-        }
-        if settings.retry_initial.is_zero() || settings.retry_max < settings.retry_initial {
-            return Err(SessionError::Config(
-                "retry backoff must start above zero and not exceed its maximum",
-            ));
-        }
+        settings.validate()?;
         settings.tombstone_ttl = settings.tombstone_ttl.max(settings.give_up_after);
-        let runtime = tokio::runtime::Handle::try_current()
+        // The tasks are spawned on the current runtime; there must be one.
+        tokio::runtime::Handle::try_current()
             .map_err(|_| SessionError::Config("build() must run inside a tokio runtime"))?;
         let engine = Arc::new(Engine {
             outbox: Outbox::new(settings.capacity),
@@ -303,8 +356,20 @@ impl<C: Cache + 'static, D: SessionDatabase> WriteBehindBuilder<C, D> {
             pins: self.pins,
             counters: Counters::default(),
         });
-        let writer = runtime.spawn(run_writer(engine.clone()));
-        let maintenance = runtime.spawn(run_maintenance(engine.clone()));
+        let writer = {
+            let engine = engine.clone();
+            distributed_core::spawn_supervised("session_writer", move || {
+                // A run after a panic: the batch the last one had taken goes back in the queue.
+                engine.outbox.requeue_in_flight();
+                run_writer(engine.clone())
+            })
+        };
+        let maintenance = {
+            let engine = engine.clone();
+            distributed_core::spawn_supervised("session_maintenance", move || {
+                run_maintenance(engine.clone())
+            })
+        };
         Ok(WriteBehindStore {
             tasks: Arc::new(Tasks {
                 engine: engine.clone(),

@@ -24,6 +24,19 @@ struct TestDb {
     held: Arc<tokio::sync::Notify>,
     delay: Arc<Mutex<Duration>>,
     poison: Arc<AtomicBool>,
+    /// How many of the next writes panic (a bug in a database adapter, say).
+    panicking_writes: Arc<AtomicU64>,
+    /// How many of the next cleanups panic.
+    panicking_cleanups: Arc<AtomicU64>,
+    /// Cleanups run so far.
+    cleanups: Arc<AtomicU64>,
+}
+
+/// Takes one from `counter` unless it is zero; whether it did.
+fn take_one(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl TestDb {
@@ -47,6 +60,9 @@ impl SessionDatabase for TestDb {
         self.inner.load(id).await
     }
     async fn write(&self, rows: &[SessionRow<'_>]) -> Result<u64, SessionError> {
+        if take_one(&self.panicking_writes) {
+            panic!("a bug in the database adapter");
+        }
         let gate = lock(&self.gate).take();
         if let Some(gate) = gate {
             self.held.notify_one();
@@ -66,6 +82,10 @@ impl SessionDatabase for TestDb {
         self.inner.write(rows).await
     }
     async fn delete_expired(&self) -> Result<u64, SessionError> {
+        self.cleanups.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.panicking_cleanups) {
+            panic!("a bug in the cleanup query");
+        }
         self.inner.delete_expired().await
     }
 }
@@ -683,4 +703,121 @@ async fn build_validates_its_settings() {
         build(b().retry_backoff(Duration::ZERO, Duration::from_secs(1))),
         Err(SessionError::Config(_))
     ));
+}
+
+#[tokio::test]
+async fn a_panicking_writer_is_restarted_and_retries_its_batch() {
+    let (store, _cache, db) = store();
+    db.panicking_writes.store(2, Ordering::SeqCst);
+    let record = session("survives");
+    store.save(&record).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), store.flush())
+        .await
+        .expect("the writer came back and wrote the batch it had taken")
+        .unwrap();
+    assert_eq!(db_tag(&db, &record.id).as_deref(), Some("survives"));
+    // And it goes on writing.
+    let later = session("later");
+    store.save(&later).await.unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(db_tag(&db, &later.id).as_deref(), Some("later"));
+}
+
+#[tokio::test]
+async fn a_panicking_cleanup_is_restarted() {
+    let (cache, db) = (FlakyCache::default(), TestDb::default());
+    db.panicking_cleanups.store(1, Ordering::SeqCst);
+    let store = builder(&cache, &db)
+        .cleanup_interval(Some(Duration::from_millis(10)))
+        .build()
+        .unwrap();
+    let ran = async {
+        while db.cleanups.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), ran)
+        .await
+        .expect("cleanup went on after its panic");
+    store.shutdown().await.unwrap();
+}
+
+/// Every duration setting of the builder, through zero, a nanosecond, the longest accepted,
+/// one past it and `Duration::MAX`: each builds a store that works (saves, loads, deletes,
+/// flushes, cleans up) or is a typed [`SessionError::Config`] from `build()`.
+#[tokio::test]
+async fn every_duration_setting_works_or_is_refused_at_zero_and_at_max() {
+    type B = WriteBehindBuilder<FlakyCache, TestDb>;
+    type Set = fn(B, Duration) -> B;
+    let settings: [(&str, Set, bool); 10] = [
+        // (name, setter, whether zero is refused)
+        ("backpressure_timeout", B::backpressure_timeout, false),
+        (
+            "retry_backoff initial",
+            |b, d| b.retry_backoff(d, MAX_DURATION_SETTING),
+            true,
+        ),
+        (
+            "retry_backoff max",
+            |b, d| b.retry_backoff(Duration::from_nanos(1), d),
+            true,
+        ),
+        ("give_up_after", B::give_up_after, false),
+        ("cache_timeout", B::cache_timeout, true),
+        ("db_timeout", B::db_timeout, true),
+        (
+            "cache_retry_after",
+            |b, d| b.cache_retry_after(Some(d)),
+            false,
+        ),
+        ("cache_ttl", B::cache_ttl, false),
+        ("tombstone_ttl", B::tombstone_ttl, false),
+        ("cleanup_interval", |b, d| b.cleanup_interval(Some(d)), true),
+    ];
+    let values = [
+        Duration::ZERO,
+        Duration::from_nanos(1),
+        MAX_DURATION_SETTING,
+        MAX_DURATION_SETTING + Duration::from_nanos(1),
+        Duration::MAX,
+    ];
+    for (name, set, zero_refused) in settings {
+        for value in values {
+            let (cache, db) = (FlakyCache::default(), TestDb::default());
+            let built = set(WriteBehindStore::builder(cache.clone(), db.clone()), value).build();
+            let refused = (value.is_zero() && zero_refused) || value > MAX_DURATION_SETTING;
+            if refused {
+                assert!(
+                    matches!(built, Err(SessionError::Config(_))),
+                    "{name} = {value:?} built"
+                );
+                continue;
+            }
+            let store = match built {
+                Ok(store) => store,
+                Err(e) => panic!("{name} = {value:?} refused: {e:?}"),
+            };
+            let exercise = async {
+                let record = session("x");
+                store.save(&record).await.unwrap();
+                assert!(store.load(&record.id).await.unwrap().is_some());
+                let gone = session("gone");
+                store.save(&gone).await.unwrap();
+                store.delete(&gone.id).await.unwrap();
+                // The cache fails once: the paths that pause or distrust it run too.
+                cache.set_down(true);
+                let other = session("y");
+                let _ = store.save(&other).await;
+                cache.set_down(false);
+                store.flush().await.unwrap();
+                assert_eq!(db_tag(&db, &record.id).as_deref(), Some("x"), "{name}");
+                store.delete_expired().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                store.shutdown().await.unwrap();
+            };
+            tokio::time::timeout(Duration::from_secs(10), exercise)
+                .await
+                .unwrap_or_else(|_| panic!("{name} = {value:?}: the store stopped working"));
+        }
+    }
 }

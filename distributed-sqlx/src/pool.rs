@@ -179,14 +179,16 @@ impl<R: Router + 'static> Builder<R> {
 
     /// How long a write (or a read routed to the leader) waits for a leader connection before
     /// failing with [`Error::LeaderUnavailable`]; also bounds the start-up check of the leader.
-    /// Default 5 s.
+    /// Default 5 s; zero, or longer than [`MAX_TIMING`](distributed_core::MAX_TIMING) (a day),
+    /// makes [`connect`](Self::connect) fail with [`Error::Config`].
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
         self.settings.acquire_timeout = timeout;
         self
     }
 
     /// How long a read waits for a follower connection before marking that follower down and
-    /// trying the next server. Short, because the read is waiting: default 1 s.
+    /// trying the next server. Short, because the read is waiting: default 1 s; bounded as
+    /// [`acquire_timeout`](Self::acquire_timeout).
     pub fn follower_acquire_timeout(mut self, timeout: Duration) -> Self {
         self.settings.follower_acquire_timeout = timeout;
         self
@@ -615,6 +617,36 @@ mod tests {
             .unwrap();
         let refused = DistributedPool::connect(bad_url.clone(), router(&bad_url)).await;
         assert!(matches!(refused, Err(Error::InvalidUrl { node, .. }) if node == "leader"));
+    }
+
+    /// Both timeouts through zero and `Duration::MAX`: a typed error from `connect()`, never a
+    /// panic in the driver (`Instant::now() + Duration::MAX`).
+    #[tokio::test]
+    async fn every_timeout_is_refused_at_zero_and_at_max() {
+        type Set = fn(Builder<TestRouter>, Duration) -> Builder<TestRouter>;
+        let settings: [(&str, Set); 2] = [
+            ("acquire_timeout", Builder::acquire_timeout),
+            (
+                "follower_acquire_timeout",
+                Builder::follower_acquire_timeout,
+            ),
+        ];
+        let c = config(1);
+        for (name, set) in settings {
+            for value in [Duration::ZERO, Duration::MAX] {
+                let builder = set(DistributedPool::builder(c.clone(), router(&c)), value);
+                let refused = builder.connect().await;
+                assert!(
+                    matches!(
+                        &refused,
+                        Err(Error::Config(
+                            ConfigError::ZeroDuration(n) | ConfigError::DurationTooLong(n, _)
+                        )) if *n == name
+                    ),
+                    "{name} = {value:?}: {refused:?}"
+                );
+            }
+        }
     }
 
     #[test]
