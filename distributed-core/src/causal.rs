@@ -418,7 +418,11 @@ impl<C: Cache> RecentlyUpdated for CausalTracker<C> {
 /// // and Carol has now seen data as of 0x900.
 /// let token = ConsistencyToken::at_least(WalPosition(0x800));
 /// let first = Scope::new("carol").with_token(&token);
-/// assert_eq!(router.route_read(Some(&first), None).await.target, Target::Leader);
+/// let read = router.route_read(Some(&first), None).await;
+/// assert_eq!(read.target, Target::Leader);
+/// // What an adapter does once the read is done: the leader said it was at 0x900.
+/// router.record_read(&first, None, read, Some(WalPosition(0x900))).await;
+/// router.end_request(&first).await;
 ///
 /// // Her next request needs nothing of its own, yet does not go back in time to the follower...
 /// let second = Scope::new("carol");
