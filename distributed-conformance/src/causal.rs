@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use distributed_core::{
-    ConsistencyToken, Decision, Freshness, Reason, Scope, Target, TokenSigner, current_scope,
-    with_scope,
+    ConfigBuilder, ConsistencyToken, Decision, Freshness, Reason, Scope, Target, TokenSigner,
+    current_scope, with_scope,
 };
 use distributed_testkit::{Topology, rig_or_skip};
 use tokio::time::Instant;
@@ -309,23 +309,8 @@ pub(crate) async fn monotonic_reads_with_a_paused_follower<A: Adapter>(
     const READERS: i64 = 20;
     const HAS_ROWS: usize = 0;
     const BEHIND: usize = 1;
-    let connect = |monotonic: bool| async move {
-        let config = builder(
-            topology.leader_url(),
-            topology.follower_urls(),
-            apply_delay,
-            Mode::Causal,
-        )
-        .max_follower_lag(Duration::from_secs(600))
-        .build()
-        .expect("a valid test configuration");
-        let cache = Arc::new(SwitchableCache::default());
-        let router = Arc::new(TestRouter::causal(config.clone(), cache, monotonic));
-        let pool: A = connect_to(config, router.clone(), Settings::default()).await;
-        (pool, router)
-    };
-    let (monotonic, monotonic_router) = connect(true).await;
-    let (plain, _) = connect(false).await;
+    let (monotonic, monotonic_router) = causal_pool::<A>(topology, apply_delay, true, |b| b).await;
+    let (plain, _) = causal_pool::<A>(topology, apply_delay, false, |b| b).await;
     let table = unique("monotonic");
     unwrap("create table", monotonic.create_table(&table).await);
     settle(apply_delay).await;
@@ -450,6 +435,28 @@ pub(crate) async fn monotonic_reads_with_a_paused_follower<A: Adapter>(
     );
 }
 
+/// A causal-mode pool over `topology` (followers may lag up to 600 s), its configuration
+/// adjusted by `adjust`, with monotonic reads on or off.
+async fn causal_pool<A: Adapter>(
+    topology: &Topology,
+    apply_delay: Duration,
+    monotonic: bool,
+    adjust: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> (A, Arc<TestRouter>) {
+    let builder = builder(
+        topology.leader_url(),
+        topology.follower_urls(),
+        apply_delay,
+        Mode::Causal,
+    )
+    .max_follower_lag(Duration::from_secs(600));
+    let config = adjust(builder).build().expect("a valid test configuration");
+    let cache = Arc::new(SwitchableCache::default());
+    let router = Arc::new(TestRouter::causal(config.clone(), cache, monotonic));
+    let pool = connect_to(config, router.clone(), Settings::default()).await;
+    (pool, router)
+}
+
 /// What a scope's second request saw of the row its first request read.
 #[derive(Debug, Default)]
 struct SecondReads {
@@ -475,24 +482,13 @@ pub(crate) async fn monotonic_reads_record_an_upper_bound<A: Adapter>(
     const AHEAD: usize = 0;
     const FROZEN: usize = 1;
     const READERS: i64 = 10;
-    let connect = |monotonic: bool| async move {
-        let config = builder(
-            topology.leader_url(),
-            topology.follower_urls(),
-            apply_delay,
-            Mode::Causal,
-        )
-        .max_follower_lag(Duration::from_secs(600))
-        .probe_interval(Duration::from_secs(3600))
-        .readmit_ramp(Duration::from_millis(1))
-        .build()
-        .expect("a valid test configuration");
-        let cache = Arc::new(SwitchableCache::default());
-        let router = Arc::new(TestRouter::causal(config.clone(), cache, monotonic));
-        connect_to::<A>(config, router, Settings::default()).await
+    let frozen_monitor = |builder: ConfigBuilder| {
+        builder
+            .probe_interval(Duration::from_secs(3600))
+            .readmit_ramp(Duration::from_millis(1))
     };
-    let monotonic = connect(true).await;
-    let plain = connect(false).await;
+    let (monotonic, _) = causal_pool::<A>(topology, apply_delay, true, frozen_monitor).await;
+    let (plain, _) = causal_pool::<A>(topology, apply_delay, false, frozen_monitor).await;
     let table = unique("upper_bound");
     unwrap("create table", monotonic.create_table(&table).await);
     settle(apply_delay).await;
