@@ -561,11 +561,12 @@ impl<B: Backend, R: Router + 'static> RoutedPools<B, R> {
         let Some(scope) = scope.filter(|_| self.router.tracks_reads()) else {
             return routed;
         };
-        let router = self.router.clone();
-        let ender = self.router.clone();
-        scope.at_end(move || {
+        // Registered once per request: later reads find it there and clone nothing.
+        scope.at_end(|| {
+            let ender = self.router.clone();
             Box::new(move |scope| Box::pin(async move { ender.end_request(&scope).await }))
         });
+        let router = self.router.clone();
         let scope = scope.clone();
         let table = table.map(str::to_owned);
         let timeout = self.probe.timeout();

@@ -339,6 +339,12 @@ impl Scope {
         }
     }
 
+    /// Whether reads of this scope still record something, or a router waits for its end.
+    fn has_work(&self) -> bool {
+        let state = self.lock();
+        !state.pending.is_empty() || state.at_end.is_some()
+    }
+
     /// Settles, then runs what was the router registered (storing what the request read): for callers
     /// that run a scope's request without [`with_scope`].
     pub async fn finish(&self) {
@@ -421,6 +427,8 @@ impl<F: Future> Future for Scoped<F> {
         let mut this = self.project();
         if this.output.is_none() {
             match this.inner.as_mut().poll(cx) {
+                // Most requests have nothing left to do: no allocation for them.
+                Poll::Ready(output) if !this.scope.has_work() => return Poll::Ready(output),
                 Poll::Ready(output) => {
                     *this.output = Some(output);
                     let scope = this.scope.clone();
